@@ -1,0 +1,84 @@
+"""Content-addressed stage outputs: ``<workdir>/<stage>/<key>/`` committed atomically.
+
+A stage writes into ``<workdir>/<stage>/.partial-<key>/`` (deterministic, so a killed stage can resume
+from what it already wrote there); the commit writes ``manifest.json`` last and renames the directory.
+A directory without a manifest is never taken for a finished output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import REPO_ROOT
+
+MANIFEST = "manifest.json"
+
+
+def code_digest(paths: tuple[str, ...]) -> str:
+    """Hash of every .py file under ``paths`` (relative to the repo root): the code a stage runs."""
+    h = hashlib.sha256()
+    files: list[Path] = []
+    for rel in paths:
+        p = REPO_ROOT / rel
+        files.extend([p] if p.is_file() else sorted(p.rglob("*.py")))
+    for f in sorted(set(files)):
+        h.update(str(f.relative_to(REPO_ROOT)).encode())
+        h.update(b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def stage_key(stage: str, code: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
+    payload = json.dumps(
+        {"stage": stage, "code": code, "config": config, "inputs": inputs}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class StageStore:
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+
+    def final_dir(self, stage: str, key: str) -> Path:
+        return self.workdir / stage / key
+
+    def partial_dir(self, stage: str, key: str) -> Path:
+        return self.workdir / stage / f".partial-{key}"
+
+    def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
+        path = self.final_dir(stage, key) / MANIFEST
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text())
+
+    def is_done(self, stage: str, key: str) -> bool:
+        return self.manifest(stage, key) is not None
+
+    def begin(self, stage: str, key: str, fresh: bool = False) -> Path:
+        """The partial dir to write into; kept across a killed run unless ``fresh``."""
+        partial = self.partial_dir(stage, key)
+        if fresh and partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        return partial
+
+    def commit(self, stage: str, key: str, manifest: dict[str, Any]) -> Path:
+        partial = self.partial_dir(stage, key)
+        final = self.final_dir(stage, key)
+        tmp = partial / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, partial / MANIFEST)
+        if final.exists():  # --force: the old output goes away only once the new one is complete
+            trash = final.with_name(f".trash-{key}-{time.time_ns()}")
+            os.replace(final, trash)
+            os.replace(partial, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+        return final

@@ -1,0 +1,123 @@
+"""Typed pipeline config: YAML values validated into pydantic models, with ``key.sub=value`` overrides.
+
+Every section lives next to the code that reads it; this module only composes them. Errors are one
+line naming the file and the offending key, so a typo never starts a half-configured run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stages.base import StageError
+from stages.dedup.config import DedupConfig
+from stages.download.config import DownloadConfig
+from stages.download.world.config import WorldConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+class ConfigError(StageError):
+    pass
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # None: sqlite:///<workdir>/mlflow.db. The MLFLOW_TRACKING_URI environment variable wins over both.
+    uri: str | None = None
+    experiment: str = "vlp-pipeline"
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # CPUs of the local Ray started when RAY_ADDRESS is unset (None: all of this machine's).
+    num_cpus: int | None = Field(None, gt=0)
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "demo"
+    seed: int = 0
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def subset(self, paths: tuple[str, ...]) -> dict[str, Any]:
+        """The config values under the dotted ``paths``: what a stage reads, hence its cache key."""
+        dumped = self.model_dump(mode="json")
+        out = {}
+        for path in paths:
+            node: Any = dumped
+            for part in path.split("."):
+                node = node[part]
+            out[path] = node
+        return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` in ``data``; the value is parsed as YAML (numbers, booleans, lists)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    problems = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r}")
+        else:
+            problems.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return f"{source}: " + "; ".join(problems)
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    data = _read_yaml(path)
+    for override in overrides:
+        apply_override(data, override)
+    source = f"{path}" + (" (with overrides)" if overrides else "")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None

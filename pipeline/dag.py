@@ -1,0 +1,141 @@
+"""Plan the stages a target needs, then run them as a Ray DAG.
+
+Keys are computed on the driver before anything runs (code + config subset + input keys), so the plan
+already says which stages are cached. Each stage is a Ray task bound to its upstream tasks; cached
+stages return at once, the others run and commit atomically. Every stage, cached or not, gets an MLflow
+child run under the invocation's parent run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.dag import MultiOutputNode
+
+from pipeline.cache import StageStore, code_digest, stage_key
+from pipeline.config import PipelineConfig
+from pipeline.stages import ALL, STAGES
+from pipeline.tracking import Tracker
+from stages.base import StageContext
+
+log = logging.getLogger("vlp.pipeline")
+
+# What `--stage all` runs to; every other stage is upstream of one of these.
+TERMINAL = ("dedup",)
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    key: str
+    inputs: dict[str, str]  # upstream stage -> its key
+    config: dict[str, Any]
+    cached: bool
+    force: bool = False
+
+
+@dataclass
+class Outcome:
+    name: str
+    key: str
+    output_dir: str
+    cached: bool
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _closure(cfg: PipelineConfig, targets: tuple[str, ...]) -> list[str]:
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        for up in STAGES[name].upstream(cfg):
+            visit(up)
+        order.append(name)
+
+    for t in targets:
+        visit(t)
+    return order
+
+
+def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = False) -> list[PlannedStage]:
+    if target != ALL and target not in STAGES:
+        raise ValueError(f"unknown stage {target!r}; choose from {', '.join([*STAGES, ALL])}")
+    names = _closure(cfg, TERMINAL if target == ALL else (target,))
+    planned: dict[str, PlannedStage] = {}
+    for name in names:
+        spec = STAGES[name]
+        inputs = {up: planned[up].key for up in spec.upstream(cfg)}
+        subset = cfg.subset(spec.config)
+        key = stage_key(name, code_digest(spec.code), subset, inputs)
+        forced = force and name == target
+        planned[name] = PlannedStage(
+            name, key, inputs, subset, cached=store.is_done(name, key) and not forced, force=forced
+        )
+    return list(planned.values())
+
+
+@ray.remote(num_cpus=0)
+def _run_stage(
+    stage: dict[str, Any], cfg_data: dict[str, Any], workdir: str, tracking: dict[str, str], *upstream: Outcome
+) -> Outcome:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ps = PlannedStage(**stage)
+    store = StageStore(Path(workdir))
+    tracker = Tracker(tracking["uri"], tracking["experiment"], Path(workdir))
+    run_id = tracker.start_run(ps.name, tracking["parent_run_id"], tags={"stage": ps.name, "cache_key": ps.key})
+    start = time.time()
+    try:
+        if ps.cached:
+            manifest = store.manifest(ps.name, ps.key)
+            log.info("%s: cached (key %s), skipping", ps.name, ps.key)
+        else:
+            cfg = PipelineConfig.model_validate(cfg_data)
+            out = store.begin(ps.name, ps.key, fresh=ps.force)
+            inputs = {name: store.final_dir(name, key) for name, key in ps.inputs.items()}
+            ctx = StageContext(cfg=cfg, workdir=Path(workdir), out_dir=out, inputs=inputs, mlflow_run_id=run_id)
+            log.info("%s: running (key %s)", ps.name, ps.key)
+            result = STAGES[ps.name].load()(ctx)
+            manifest = {
+                "stage": ps.name,
+                "key": ps.key,
+                "inputs": ps.inputs,
+                "config": ps.config,
+                "metrics": result.metrics,
+                "params": result.params,
+                "artifacts": result.artifacts,
+                "seconds": round(time.time() - start, 3),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            store.commit(ps.name, ps.key, manifest)
+        final = store.final_dir(ps.name, ps.key)
+        tracker.log(
+            run_id,
+            metrics={**manifest["metrics"], "stage_seconds": manifest["seconds"]},
+            params={"config": ps.config, "inputs": ps.inputs, **manifest["params"]},
+            tags={"cached": str(ps.cached).lower(), "output_dir": str(final)},
+        )
+        tracker.log_artifacts(run_id, [final / a for a in manifest["artifacts"]], final)
+        tracker.end(run_id)
+        return Outcome(ps.name, ps.key, str(final), ps.cached, time.time() - start, manifest["metrics"])
+    except BaseException:
+        tracker.end(run_id, "FAILED")
+        raise
+
+
+def execute(
+    cfg: PipelineConfig, stages: list[PlannedStage], workdir: Path, tracking: dict[str, str]
+) -> list[Outcome]:
+    """Bind every planned stage to its upstream tasks and run the graph on the connected Ray cluster."""
+    nodes: dict[str, Any] = {}
+    cfg_data = cfg.model_dump(mode="json")
+    for ps in stages:
+        upstream = [nodes[name] for name in ps.inputs]
+        nodes[ps.name] = _run_stage.bind(ps.__dict__, cfg_data, str(workdir), tracking, *upstream)
+    return ray.get(MultiOutputNode(list(nodes.values())).execute())

@@ -1,0 +1,102 @@
+"""Command line entry: ``python pipeline/run.py --stage {world,download,dedup,all} [key.sub=value ...]``.
+
+Runs on the Ray cluster named by RAY_ADDRESS (as under ``ray job submit``), otherwise on a local Ray
+started for this invocation. Outputs are cached under the work dir; see README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0]).resolve() == _HERE:  # run as a script: import the repo's packages
+    sys.path[0] = str(_HERE.parent)
+
+import ray  # noqa: E402
+import yaml  # noqa: E402
+
+from pipeline.cache import StageStore  # noqa: E402
+from pipeline.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from pipeline.dag import execute, plan  # noqa: E402
+from pipeline.stages import ALL, STAGES  # noqa: E402
+from pipeline.tracking import Tracker, flatten, tracking_uri  # noqa: E402
+from stages.base import StageError  # noqa: E402
+
+log = logging.getLogger("vlp.pipeline")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Vision-language pretraining pipeline (Ray + MLflow).")
+    p.add_argument("--stage", required=True, choices=[*STAGES, ALL], help="stage to produce (with its upstream)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: configs/demo.yaml)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("VLP_WORKDIR", "work")),
+        help="where stage outputs and the MLflow store live (default: ./work or $VLP_WORKDIR)",
+    )
+    p.add_argument("--force", action="store_true", help="recompute the named stage even if cached (only it)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return p.parse_args(argv)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
+        err = err.cause
+    return err
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = StageStore(workdir)
+    stages = plan(cfg, args.stage, store, force=args.force)
+    for ps in stages:
+        log.info("plan: %-10s key %s  %s", ps.name, ps.key, "cached" if ps.cached else "run")
+
+    uri = tracking_uri(cfg.tracking.uri, workdir)
+    tracker = Tracker(uri, cfg.tracking.experiment, workdir)
+    parent = tracker.start_run(f"{cfg.name}:{args.stage}", tags={"target": args.stage, "workdir": str(workdir)})
+    resolved = cfg.model_dump(mode="json")
+    tracker.log(parent, params=flatten(resolved))
+    tracker.log_text(parent, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
+
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or "local", num_cpus=None if address else cfg.ray.num_cpus, log_to_driver=True)
+    try:
+        outcomes = execute(
+            cfg,
+            stages,
+            workdir,
+            {"uri": uri, "experiment": cfg.tracking.experiment, "parent_run_id": parent},
+        )
+    except Exception as err:  # noqa: BLE001 - turned into one line for the user, traceback for the rest
+        cause = _root_cause(err)
+        tracker.end(parent, "FAILED")
+        if isinstance(cause, StageError):
+            print(f"error: {cause}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        ray.shutdown()
+    tracker.end(parent)
+    for o in outcomes:
+        state = "cached, skipped" if o.cached else f"ran in {o.seconds:.1f}s"
+        print(f"{o.name:10s} {state:18s} {o.output_dir}")
+    print(f"MLflow: mlflow ui --backend-store-uri {uri}  (parent run {parent})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

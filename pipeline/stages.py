@@ -1,0 +1,60 @@
+"""The stage registry: what each stage runs, what it reads from the config, and what it depends on.
+
+``code`` lists the source paths whose contents go into the stage's cache key, ``config`` the dotted
+config sections it reads. Changing either reruns the stage and, through the input keys, everything
+downstream of it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    entry: str  # "module:function" implementing run(ctx) -> StageResult
+    config: tuple[str, ...]
+    code: tuple[str, ...]
+    upstream: Callable[[PipelineConfig], tuple[str, ...]]
+
+    def load(self):
+        module, func = self.entry.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+_BASE_CODE = ("stages/base.py", "vlp/data")
+
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in (
+        StageSpec(
+            name="world",
+            entry="stages.download.world.stage:run",
+            config=("world", "download.datasets"),
+            code=(*_BASE_CODE, "stages/download/world"),
+            upstream=lambda cfg: (),
+        ),
+        StageSpec(
+            name="download",
+            entry="stages.download.stage:run",
+            config=("download",),
+            code=(*_BASE_CODE, "stages/download"),
+            upstream=lambda cfg: ("world",) if cfg.download.source == "world" else (),
+        ),
+        StageSpec(
+            name="dedup",
+            entry="stages.dedup.stage:run",
+            config=("dedup",),
+            code=(*_BASE_CODE, "stages/dedup"),
+            upstream=lambda cfg: ("download",),
+        ),
+    )
+}
+
+# The stages `--stage all` runs to (every stage not upstream of another is a sink).
+ALL = "all"

@@ -1,0 +1,81 @@
+"""MLflow glue: one parent run per invocation, one child run per stage (cached or not).
+
+Child runs are created through ``MlflowClient`` with an explicit parent id so that a stage running in
+any Ray worker process can open its own run and log live (training curves later) without relying on
+``mlflow``'s per-process active-run stack.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+MAX_PARAM_LEN = 500  # MLflow's limit on a param value
+
+
+def tracking_uri(configured: str | None, workdir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or f"sqlite:///{Path(workdir).resolve()}/mlflow.db"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(data, dict):
+        out: dict[str, str] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): str(data)[:MAX_PARAM_LEN]}
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, workdir: Path):
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            # An explicit artifact root: the default would land in the current directory.
+            root = (Path(workdir).resolve() / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=root)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        return self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+
+    def log(
+        self,
+        run_id: str,
+        metrics: dict[str, float] | None = None,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        step: int = 0,
+    ) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+            params=[Param(k, v) for k, v in flatten(params or {}).items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        )
+
+    def log_artifacts(self, run_id: str, paths: list[Path], base: Path) -> None:
+        for p in paths:
+            rel_parent = str(p.relative_to(base).parent)
+            artifact_path = None if rel_parent == "." else rel_parent
+            if p.is_dir():
+                self.client.log_artifacts(run_id, str(p), artifact_path=str(p.relative_to(base)))
+            else:
+                self.client.log_artifact(run_id, str(p), artifact_path=artifact_path)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)

@@ -1,0 +1,36 @@
+"""Config of the download stage: where each dataset's metadata lives and how images are fetched."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DatasetSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # role -> URL of a metadata file; "<archive url>#<member path>" selects a file inside a .zip/.tar.gz
+    files: dict[str, str]
+    # Datasets whose metadata names files rather than URLs (Flickr30k) fetch <image_base_url><filename>.
+    image_base_url: str | None = None
+
+
+class DownloadConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # "world": generate the synthetic world and serve it on a loopback mirror (the embedded default);
+    # "web": fetch the configured URLs as they are (or through mirror_url).
+    source: Literal["world", "web"] = "world"
+    # When set, every URL http(s)://host/path is fetched as <mirror_url>/host/path (world mode sets it).
+    mirror_url: str | None = None
+    datasets: dict[str, DatasetSource] = Field(default_factory=dict)
+    shard_size: int = Field(128, gt=0)  # images per shard: the unit of parallelism and of resume
+    threads_per_task: int = Field(16, gt=0)  # concurrent requests inside one Ray shard task
+    max_tasks_in_flight: int = Field(4, gt=0)
+    timeout_s: float = Field(5.0, gt=0)  # per request (connect + each read)
+    retries: int = Field(3, ge=0)  # extra attempts on transient errors (5xx, timeout, connection)
+    backoff_s: float = Field(0.2, ge=0)  # first retry delay, doubled each attempt
+    max_bytes: int = Field(16_000_000, gt=0)  # body size cap
+    max_pixels: int = Field(40_000_000, gt=0)  # decompression-bomb cap (width * height)
+    max_redirects: int = Field(5, ge=0)

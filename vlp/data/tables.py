@@ -1,0 +1,106 @@
+"""Arrow schemas of the tables that download writes and dedup / features / training read.
+
+One place for the column names so that every stage agrees on them. Layout of a download output
+(dedup writes the same layout, filtered, plus ``removed.parquet`` and ``report.json``)::
+
+    images/<corpus>/shard-<NNNNN>.parquet   IMAGES (one row per image URL attempted)
+    stats/<corpus>/shard-<NNNNN>.json       per-shard stats: {"ok": n, "failed": {error_type: n}}
+    tables/captions.parquet                 CAPTIONS
+    tables/regions.parquet                  REGIONS (Visual Genome region descriptions)
+    tables/objects.parquet                  OBJECTS (VG objects + attributes, COCO instances)
+    tables/entities.parquet                 ENTITIES (Flickr30k Entities phrase -> boxes)
+    tables/splits.parquet                   SPLITS (image-level split lists: Karpathy, Entities ids)
+    tables/task_<name>.parquet              one table per downstream task set (vqa, nlvr2, snli_ve, refcoco)
+    metadata/<corpus>/<file>                the raw metadata files as downloaded
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Corpora whose images are pretraining data (filtered by dedup) vs. downstream image sets.
+PRETRAIN_CORPORA = ("coco", "vg", "cc", "sbu")
+DOWNSTREAM_CORPORA = ("flickr30k", "nlvr2")
+
+IMAGES = pa.schema(
+    [
+        ("corpus", pa.string()),
+        ("key", pa.string()),  # canonical image key, unique per corpus: "coco:57870", "vg:1", "cc:0", ...
+        ("url", pa.string()),  # the URL as published in the metadata (before any mirror rewrite)
+        ("split", pa.string()),  # corpus split the image came from ("train2014", "train", ...)
+        ("status", pa.string()),  # "ok" or the error type (see stages/download/errors.py)
+        ("error", pa.string()),  # one-line detail for failures, null when ok
+        ("sha256", pa.string()),
+        ("size", pa.int64()),  # bytes
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("image", pa.binary()),  # encoded image bytes, null when failed
+        # identity fields from the metadata, used by dedup's canonical keys (null when absent)
+        ("coco_id", pa.int64()),
+        ("vg_id", pa.int64()),
+        ("flickr_id", pa.int64()),
+        ("flickr_url", pa.string()),
+    ]
+)
+
+CAPTIONS = pa.schema(
+    [
+        ("corpus", pa.string()),
+        ("image_key", pa.string()),
+        ("caption_id", pa.string()),
+        ("caption", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+
+# Boxes are x, y, w, h in pixels of the original image.
+REGIONS = pa.schema(
+    [
+        ("corpus", pa.string()),
+        ("image_key", pa.string()),
+        ("region_id", pa.int64()),
+        ("phrase", pa.string()),
+        ("x", pa.float32()),
+        ("y", pa.float32()),
+        ("w", pa.float32()),
+        ("h", pa.float32()),
+    ]
+)
+
+OBJECTS = pa.schema(
+    [
+        ("corpus", pa.string()),
+        ("image_key", pa.string()),
+        ("object_id", pa.int64()),
+        ("names", pa.list_(pa.string())),  # VG names / COCO category name
+        ("attributes", pa.list_(pa.string())),  # VG attributes (empty when absent)
+        ("x", pa.float32()),
+        ("y", pa.float32()),
+        ("w", pa.float32()),
+        ("h", pa.float32()),
+    ]
+)
+
+# Flickr30k Entities: one row per phrase; boxes are 0-based [x1, y1, x2, y2] lists.
+ENTITIES = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("sentence_idx", pa.int32()),
+        ("sentence", pa.string()),
+        ("phrase", pa.string()),
+        ("phrase_id", pa.string()),  # chain id; "0" (notvisual) rows get a unique "0#<n>" id
+        ("phrase_types", pa.list_(pa.string())),
+        ("first_word_index", pa.int32()),
+        ("boxes", pa.list_(pa.list_(pa.float32()))),
+    ]
+)
+
+# Image-level split membership, e.g. ("flickr30k", "entities", "test", "flickr:1016887272").
+SPLITS = pa.schema(
+    [
+        ("corpus", pa.string()),
+        ("scheme", pa.string()),  # "karpathy", "entities", ...
+        ("split", pa.string()),
+        ("image_key", pa.string()),
+    ]
+)
