@@ -104,3 +104,54 @@ SPLITS = pa.schema(
         ("image_key", pa.string()),
     ]
 )
+
+# Downstream task sets (tables/task_<name>.parquet). Their images are keyed like the IMAGES rows of
+# the corpus that holds them: VQA and RefCOCO on COCO ("coco:<id>"), SNLI-VE on Flickr30k.
+TASK_VQA = pa.schema(
+    [
+        ("question_id", pa.int64()),
+        ("image_key", pa.string()),
+        ("split", pa.string()),  # "train2014", "val2014"
+        ("question", pa.string()),
+        ("answers", pa.list_(pa.string())),  # the 10 human answers, in file order
+        ("multiple_choice_answer", pa.string()),
+        ("answer_type", pa.string()),  # "yes/no", "number", "other"
+    ]
+)
+
+TASK_NLVR2 = pa.schema(
+    [
+        ("identifier", pa.string()),  # "dev-850-0-0"
+        ("split", pa.string()),  # "train", "dev", "test1"
+        ("sentence", pa.string()),
+        ("left_key", pa.string()),  # "nlvr2:dev-850-0-img0"
+        ("right_key", pa.string()),  # "nlvr2:dev-850-0-img1"
+        ("label", pa.bool_()),
+    ]
+)
+
+TASK_SNLI_VE = pa.schema(
+    [
+        ("pair_id", pa.string()),  # SNLI pairID, "3416050480.jpg#4r1n"
+        ("image_key", pa.string()),  # "flickr30k:3416050480"
+        ("split", pa.string()),  # "train", "dev", "test"
+        ("hypothesis", pa.string()),  # SNLI sentence2
+        ("label", pa.string()),  # "entailment", "neutral", "contradiction"
+        ("premise", pa.string()),  # SNLI sentence1 (a Flickr30k caption; not an input of VE)
+    ]
+)
+
+TASK_REFCOCO = pa.schema(
+    [
+        ("ref_id", pa.int64()),
+        ("ann_id", pa.int64()),
+        ("image_key", pa.string()),  # "coco:581857" (all RefCOCO images are COCO train2014)
+        ("split", pa.string()),  # "train", "val", "testA", "testB" (UNC)
+        ("sentences", pa.list_(pa.string())),  # the referring expressions as typed
+        ("bbox", pa.list_(pa.float64(), 4)),  # x, y, w, h of the referred COCO annotation
+        ("category_id", pa.int64()),
+        ("file_name", pa.string()),  # the COCO image file (the refs' "_<n>" suffix dropped)
+    ]
+)
+
+TASK_TABLES = {"vqa": TASK_VQA, "nlvr2": TASK_NLVR2, "snli_ve": TASK_SNLI_VE, "refcoco": TASK_REFCOCO}
