@@ -81,6 +81,30 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_config_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file merged over the file its ``base:`` key names (relative to it), recursively."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: base chain loops back to itself")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: field 'base': expected a file name, got {base!r}")
+    return _deep_merge(_read_config_tree(path.parent / base, (*seen, path)), data)
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Set ``a.b.c=value`` in ``data``; the value is parsed as YAML (numbers, booleans, lists)."""
     key, sep, raw = override.partition("=")
@@ -113,7 +137,7 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
 
 def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     path = Path(path) if path else DEFAULT_CONFIG
-    data = _read_yaml(path)
+    data = _read_config_tree(path)
     for override in overrides:
         apply_override(data, override)
     source = f"{path}" + (" (with overrides)" if overrides else "")

@@ -54,3 +54,15 @@ def test_subset_is_what_a_stage_reads():
     cfg = load_config(DEFAULT_CONFIG, ["download.retries=7"])
     sub = cfg.subset(("download.retries", "world"))
     assert sub["download.retries"] == 7 and isinstance(sub["world"], dict)
+
+
+def test_base_inheritance_merges_sections(tmp_path):
+    from pipeline.config import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml")
+    assert cfg.name == "tiny" and cfg.world.sizes.vg == 30
+    assert cfg.download.timeout_s == 1.0 and "coco" in cfg.download.datasets  # inherited from demo.yaml
+    loop = tmp_path / "a.yaml"
+    loop.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(loop)
