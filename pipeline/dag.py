@@ -83,13 +83,19 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
 
 @ray.remote(num_cpus=0)
 def _run_stage(
-    stage: dict[str, Any], cfg_data: dict[str, Any], workdir: str, tracking: dict[str, str], *upstream: Outcome
+    stage: dict[str, Any],
+    cfg_data: dict[str, Any],
+    workdir: str,
+    tracking: dict[str, str],
+    *upstream: Outcome,
 ) -> Outcome:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ps = PlannedStage(**stage)
     store = StageStore(Path(workdir))
     tracker = Tracker(tracking["uri"], tracking["experiment"], Path(workdir))
-    run_id = tracker.start_run(ps.name, tracking["parent_run_id"], tags={"stage": ps.name, "cache_key": ps.key})
+    run_id = tracker.start_run(
+        ps.name, tracking["parent_run_id"], tags={"stage": ps.name, "cache_key": ps.key}
+    )
     start = time.time()
     try:
         if ps.cached:
@@ -99,7 +105,14 @@ def _run_stage(
             cfg = PipelineConfig.model_validate(cfg_data)
             out = store.begin(ps.name, ps.key, fresh=ps.force)
             inputs = {name: store.final_dir(name, key) for name, key in ps.inputs.items()}
-            ctx = StageContext(cfg=cfg, workdir=Path(workdir), out_dir=out, inputs=inputs, mlflow_run_id=run_id)
+            ctx = StageContext(
+                cfg=cfg,
+                workdir=Path(workdir),
+                out_dir=out,
+                inputs=inputs,
+                mlflow_run_id=run_id,
+                mlflow_tracking_uri=tracking["uri"],
+            )
             log.info("%s: running (key %s)", ps.name, ps.key)
             result = STAGES[ps.name].load()(ctx)
             manifest = {

@@ -31,8 +31,12 @@ log = logging.getLogger("vlp.pipeline")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Vision-language pretraining pipeline (Ray + MLflow).")
-    p.add_argument("--stage", required=True, choices=[*STAGES, ALL], help="stage to produce (with its upstream)")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: configs/demo.yaml)")
+    p.add_argument(
+        "--stage", required=True, choices=[*STAGES, ALL], help="stage to produce (with its upstream)"
+    )
+    p.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: configs/demo.yaml)"
+    )
     p.add_argument(
         "--workdir",
         type=Path,
@@ -67,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     uri = tracking_uri(cfg.tracking.uri, workdir)
     tracker = Tracker(uri, cfg.tracking.experiment, workdir)
-    parent = tracker.start_run(f"{cfg.name}:{args.stage}", tags={"target": args.stage, "workdir": str(workdir)})
+    parent = tracker.start_run(
+        f"{cfg.name}:{args.stage}", tags={"target": args.stage, "workdir": str(workdir)}
+    )
     resolved = cfg.model_dump(mode="json")
     tracker.log(parent, params=flatten(resolved))
     tracker.log_text(parent, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")

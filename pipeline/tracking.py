@@ -19,7 +19,11 @@ MAX_PARAM_LEN = 500  # MLflow's limit on a param value
 
 
 def tracking_uri(configured: str | None, workdir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured or f"sqlite:///{Path(workdir).resolve()}/mlflow.db"
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or configured
+        or f"sqlite:///{Path(workdir).resolve()}/mlflow.db"
+    )
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

@@ -9,6 +9,7 @@ work there and may resume from it (download does, at shard granularity).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,20 @@ class StageContext:
     out_dir: Path
     inputs: dict[str, Path]
     mlflow_run_id: str | None = None
+    mlflow_tracking_uri: str | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("vlp.stage"))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log live metrics (curves) to this stage's MLflow run; a no-op outside the pipeline."""
+        if self.mlflow_run_id is None:
+            return
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        MlflowClient(self.mlflow_tracking_uri).log_batch(
+            self.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
 
 
 @dataclass
