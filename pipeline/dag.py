@@ -1,9 +1,11 @@
-"""Plan the stages a target needs, then run them as a Ray DAG.
+"""Plan the stages a target needs, then run them as a graph of Ray tasks.
 
 Keys are computed on the driver before anything runs (code + config subset + input keys), so the plan
-already says which stages are cached. Each stage is a Ray task bound to its upstream tasks; cached
-stages return at once, the others run and commit atomically. Every stage, cached or not, gets an MLflow
-child run under the invocation's parent run.
+already says which stages are cached. Each stage is a Ray task that takes its upstream tasks' result
+refs as arguments, so Ray's scheduler runs the graph in dependency order and independent branches in
+parallel. (The lazy ``DAGNode.bind``/``execute`` API builds the same graph but is deprecated in Ray
+2.60.) Cached stages return at once, the others run and commit atomically. Every stage, cached or not,
+gets an MLflow child run under the invocation's parent run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.dag import MultiOutputNode
 
 from pipeline.cache import StageStore, code_digest, stage_key
 from pipeline.config import PipelineConfig
@@ -145,10 +146,10 @@ def _run_stage(
 def execute(
     cfg: PipelineConfig, stages: list[PlannedStage], workdir: Path, tracking: dict[str, str]
 ) -> list[Outcome]:
-    """Bind every planned stage to its upstream tasks and run the graph on the connected Ray cluster."""
-    nodes: dict[str, Any] = {}
+    """Submit every planned stage with its upstream result refs and wait for the whole graph."""
+    refs: dict[str, ray.ObjectRef] = {}
     cfg_data = cfg.model_dump(mode="json")
     for ps in stages:
-        upstream = [nodes[name] for name in ps.inputs]
-        nodes[ps.name] = _run_stage.bind(ps.__dict__, cfg_data, str(workdir), tracking, *upstream)
-    return ray.get(MultiOutputNode(list(nodes.values())).execute())
+        upstream = [refs[name] for name in ps.inputs]
+        refs[ps.name] = _run_stage.remote(ps.__dict__, cfg_data, str(workdir), tracking, *upstream)
+    return ray.get(list(refs.values()))
