@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from stages.download.urls import check_scheme
 
 
 class DatasetSource(BaseModel):
@@ -34,3 +36,10 @@ class DownloadConfig(BaseModel):
     max_bytes: int = Field(16_000_000, gt=0)  # body size cap
     max_pixels: int = Field(40_000_000, gt=0)  # decompression-bomb cap (width * height)
     max_redirects: int = Field(5, ge=0)
+
+    @field_validator("mirror_url")
+    @classmethod
+    def _http_mirror(cls, url: str | None) -> str | None:
+        if url is not None:
+            check_scheme(url)  # BadScheme is a ValueError: reported as this field's validation error
+        return url

@@ -1,0 +1,180 @@
+"""The download stage: metadata -> tables, then every corpus's images as resumable Ray shard tasks.
+
+World mode serves the synthetic world's ``www/`` on a loopback mirror and downloads through it; web
+mode fetches the configured URLs (optionally through ``download.mirror_url``). Either way the code
+path is the same. See ``vlp/data/tables.py`` for the output layout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+from stages.base import StageContext, StageError, StageResult
+from stages.download.config import DownloadConfig
+from stages.download.fetch import FetchSettings, fetch_shard
+from stages.download.formats import parse_dataset
+from stages.download.formats.base import ImageRef, Parsed
+from stages.download.metadata import MetadataFetcher
+from stages.download.shards import Shard, commit_shard, discard_partial_files, plan_shards, read_stats
+from stages.download.table_writer import write_tables
+from stages.download.transport import HttpClient
+from stages.download.world.mirror import Mirror
+
+SUMMARY = "stats/summary.json"
+
+
+def download_shard(out_dir: str, shard: Shard, settings: FetchSettings) -> dict[str, Any]:
+    """Fetch one shard and commit it; runs as a Ray task, one CPU each."""
+    rows, stats = fetch_shard(list(shard.refs), settings)
+    return commit_shard(Path(out_dir), shard, rows, stats)
+
+
+@contextmanager
+def _mirror(ctx: StageContext) -> Iterator[str | None]:
+    cfg: DownloadConfig = ctx.cfg.download
+    if cfg.source == "web":
+        yield cfg.mirror_url
+        return
+    world = ctx.inputs.get("world")
+    if world is None:
+        raise StageError("download.source is 'world' but the world stage output is not among the inputs")
+    faults = world / "faults.json"
+    with Mirror(world / "www", faults if faults.is_file() else None) as mirror:
+        ctx.log.info("download: serving %s on %s", world / "www", mirror.base_url)
+        yield mirror.base_url
+
+
+def _image_refs(parsed: dict[str, Parsed]) -> list[ImageRef]:
+    """Every dataset's ImageRefs; a key repeated within a corpus is a parser bug, reported by name."""
+    first_by: dict[tuple[str, str], str] = {}
+    refs = []
+    for dataset, result in parsed.items():
+        for ref in result.images:
+            first = first_by.get((ref.corpus, ref.key))
+            if first is not None:
+                raise StageError(f"dataset '{dataset}': image key {ref.key!r} of corpus '{ref.corpus}' "
+                                 f"is listed twice (first by dataset '{first}')")
+            first_by[(ref.corpus, ref.key)] = dataset
+            refs.append(ref)
+    return refs
+
+
+def run_shards(out_dir: Path, shards: list[Shard], settings: FetchSettings, max_in_flight: int,
+                log) -> tuple[list[dict[str, Any]], list[Shard]]:
+    """Stats of every shard (committed earlier or now) and the shards fetched by this run."""
+    discarded = discard_partial_files(out_dir)
+    if discarded:
+        log.info("download: discarded %d partial files from an interrupted run", discarded)
+    done = [read_stats(out_dir, shard) for shard in shards]
+    todo = [i for i, stats in enumerate(done) if stats is None]
+    resumed = len(shards) - len(todo)
+    if resumed:
+        log.info("download: resuming, %d of %d shards already committed", resumed, len(shards))
+    task = ray.remote(num_cpus=1)(download_shard)
+    pending: dict[ray.ObjectRef, int] = {}
+    queue = iter(todo)
+    with tqdm(total=len(shards), initial=resumed, desc="download shards", unit="shard",
+              file=sys.stderr, mininterval=1.0) as bar:
+        while True:
+            while len(pending) < max_in_flight and (i := next(queue, None)) is not None:
+                pending[task.remote(str(out_dir), shards[i], settings)] = i
+            if not pending:
+                break
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                done[pending.pop(ref)] = ray.get(ref)
+                bar.update(1)
+    return done, [shards[i] for i in todo]
+
+
+def _summarize(datasets: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    per_dataset = {}
+    for corpus, stats in datasets.items():
+        failed: dict[str, int] = {}
+        for s in stats:
+            for kind, n in s["failed"].items():
+                failed[kind] = failed.get(kind, 0) + n
+        per_dataset[corpus] = {
+            "images": sum(s["images"] for s in stats),
+            "ok": sum(s["ok"] for s in stats),
+            "failed": dict(sorted(failed.items())),
+            "retried": sum(s["retried"] for s in stats),
+            "bytes": sum(s["bytes"] for s in stats),
+            "shards": len(stats),
+        }
+    return per_dataset
+
+
+def _metrics(per_dataset: dict[str, Any], fetched: int, fetch_seconds: float, resumed: int,
+             shards: int) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for corpus, s in per_dataset.items():
+        metrics[f"images.{corpus}.ok"] = s["ok"]
+        metrics[f"images.{corpus}.failed"] = sum(s["failed"].values())
+        for kind, n in s["failed"].items():
+            metrics[f"images.{corpus}.failed.{kind}"] = n
+        metrics[f"images.{corpus}.retried"] = s["retried"]
+        metrics[f"images.{corpus}.bytes"] = s["bytes"]
+    for name in ("images", "ok", "retried", "bytes"):
+        metrics[f"images.total.{name}"] = sum(s[name] for s in per_dataset.values())
+    metrics["images.total.failed"] = sum(sum(s["failed"].values()) for s in per_dataset.values())
+    metrics["images.fetched_this_run"] = fetched
+    metrics["images.per_second"] = round(fetched / fetch_seconds, 2) if fetch_seconds > 0 else 0.0
+    metrics["shards.total"] = shards
+    metrics["shards.resumed"] = resumed
+    return metrics
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: DownloadConfig = ctx.cfg.download
+    if not cfg.datasets:
+        raise StageError("download.datasets is empty: nothing to download")
+    out_dir = Path(ctx.out_dir)
+    with _mirror(ctx) as mirror_url:
+        client = HttpClient(cfg.timeout_s, cfg.max_redirects, mirror_url)
+        try:
+            files = MetadataFetcher(out_dir, client, cfg.retries, cfg.backoff_s).fetch_all(cfg.datasets)
+        finally:
+            client.close()
+        parsed = {name: parse_dataset(name, files[name], source) for name, source in cfg.datasets.items()}
+        table_rows = write_tables(out_dir / "tables", parsed.values())
+        shards = plan_shards(_image_refs(parsed), cfg.shard_size)
+        settings = FetchSettings.from_config(cfg, mirror_url)
+        start = time.monotonic()
+        stats, fetched_shards = run_shards(out_dir, shards, settings, cfg.max_tasks_in_flight, ctx.log)
+        fetch_seconds = time.monotonic() - start
+
+    by_corpus: dict[str, list[dict[str, Any]]] = {}
+    for shard, s in zip(shards, stats, strict=True):
+        by_corpus.setdefault(shard.corpus, []).append(s)
+    per_dataset = _summarize(by_corpus)
+    fetched = sum(len(shard.refs) for shard in fetched_shards)
+    resumed = len(shards) - len(fetched_shards)
+    summary = {
+        "datasets": per_dataset,
+        "tables": table_rows,
+        "shards": len(shards),
+        "resumed_shards": resumed,
+        "fetch_seconds": round(fetch_seconds, 3),
+    }
+    metrics = _metrics(per_dataset, fetched, fetch_seconds, resumed, len(shards))
+    summary["metrics"] = metrics
+    (out_dir / SUMMARY).parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=True))
+    for corpus, s in per_dataset.items():
+        ctx.log.info("download %s: %d ok, %d failed %s, %d retried", corpus, s["ok"],
+                     sum(s["failed"].values()), s["failed"], s["retried"])
+    return StageResult(
+        metrics=metrics,
+        params={"download.shards": len(shards)},
+        artifacts=[SUMMARY],
+    )
