@@ -69,7 +69,7 @@ def test_download_counts_every_fault_under_its_own_type(workdir):
 
 
 def test_mlflow_holds_parent_and_stage_runs_with_reports(workdir):
-    (parent, children), = child_runs(workdir).items()
+    ((parent, children),) = child_runs(workdir).items()
     names = [r.info.run_name for r in children]
     assert sorted(names) == ["dedup", "download", "world"]
     by_name = {r.info.run_name: r for r in children}
@@ -119,7 +119,9 @@ def test_bad_config_is_one_line_and_runs_nothing(tmp_path, capsys):
 
 
 def test_unreachable_mirror_fails_cleanly(tmp_path, capsys):
-    code = run(tmp_path, "--stage", "download", "download.source=web", "download.mirror_url=http://127.0.0.1:9")
+    code = run(
+        tmp_path, "--stage", "download", "download.source=web", "download.mirror_url=http://127.0.0.1:9"
+    )
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "127.0.0.1:9" in err[-1]
