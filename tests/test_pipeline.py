@@ -128,3 +128,74 @@ def test_unreachable_mirror_fails_cleanly(tmp_path, capsys):
     assert outputs(tmp_path, "download") == []
     runs = list(child_runs(tmp_path).values())[-1]
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_results_browsable_through_a_real_mlflow_server(workdir):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    server = subprocess.Popen(
+        [
+            mlflow_bin,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{workdir}/mlflow.db",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2).read()
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not come up"
+                time.sleep(0.5)
+        exp = json.loads(
+            urllib.request.urlopen(
+                f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=vlp-pipeline"
+            ).read()
+        )
+        exp_id = exp["experiment"]["experiment_id"]
+        req = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search",
+            data=json.dumps({"experiment_ids": [exp_id], "filter": "tags.stage = 'dedup'"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        runs = json.loads(urllib.request.urlopen(req).read())["runs"]
+        first = min(runs, key=lambda r: r["info"]["start_time"])
+        metrics = {m["key"]: m["value"] for m in first["data"]["metrics"]}
+        truth = json.loads((workdir / "world" / outputs(workdir, "world")[0] / "truth.json").read_text())
+        assert metrics["removed.total"] == sum(
+            n for reasons in truth["removed"].values() for n in reasons.values()
+        )
+        report = json.loads(
+            urllib.request.urlopen(
+                f"{base}/get-artifact?path=report.json&run_uuid={first['info']['run_id']}"
+            ).read()
+        )
+        assert report["removed"]["cc"]["content_hash"] == metrics["removed.cc.content_hash"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
