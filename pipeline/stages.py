@@ -53,26 +53,6 @@ STAGES: dict[str, StageSpec] = {
             code=(*_BASE_CODE, "stages/dedup"),
             upstream=lambda cfg: ("download",),
         ),
-        StageSpec(
-            name="detector",
-            entry="stages.feature_extraction.detector.stage:run",
-            config=("features.detector",),
-            code=(*_BASE_CODE, "stages/feature_extraction/detector"),
-            upstream=lambda cfg: ("dedup",),
-        ),
-        StageSpec(
-            name="features",
-            entry="stages.feature_extraction.stage:run",
-            config=("features",),
-            code=(*_BASE_CODE, "stages/feature_extraction"),
-            # The world's scene truth feeds the feature-quality probe; the detector stage exists only to
-            # train weights when none are configured.
-            upstream=lambda cfg: (
-                ("dedup",)
-                + (("detector",) if cfg.features.detector.weights is None else ())
-                + (("world",) if cfg.download.source == "world" else ())
-            ),
-        ),
     )
 }
 
