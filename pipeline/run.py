@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     tracker.log_text(parent, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
 
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or "local", num_cpus=None if address else cfg.ray.num_cpus, log_to_driver=True)
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # No dashboard for a run-local Ray: it would take port 8265 from a cluster started beside it.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     try:
         outcomes = execute(
             cfg,
