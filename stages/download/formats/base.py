@@ -132,6 +132,12 @@ class Record:
     def get_str(self, name: str, *, optional: bool = False, nullable: bool = False) -> str | None:
         return self._get(name, (str,), "a string", optional, nullable)
 
+    def get_choice(self, name: str, choices: tuple[str, ...]) -> str:
+        value = self.get_str(name)
+        if value not in choices:
+            raise self.error(name, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
     def get_int(self, name: str, *, optional: bool = False, nullable: bool = False) -> int | None:
         return self._get(name, (int,), "an integer", optional, nullable)
 

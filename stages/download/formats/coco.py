@@ -145,9 +145,7 @@ def parse_coco(files: dict[str, Path], source: DatasetSource) -> Parsed:
         if coco_id in seen:
             raise rec.error("cocoid", f"image {coco_id} is listed twice (also record {seen[coco_id]})")
         seen[coco_id] = rec.index
-        split = rec.get_str("split")
-        if split not in KARPATHY_SPLITS:
-            raise rec.error("split", f"expected one of {', '.join(KARPATHY_SPLITS)}, got {split!r}")
+        split = rec.get_choice("split", KARPATHY_SPLITS)
         if coco_id not in images:
             raise rec.error("cocoid", f"image {coco_id} is in none of the COCO files given ({given})")
         splits.append(

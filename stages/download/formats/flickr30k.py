@@ -39,9 +39,7 @@ def _karpathy(path: Path, base_url: str) -> Parsed:
         if photo_id in seen:
             raise rec.error("filename", f"image {photo_id} is listed twice (also record {seen[photo_id]})")
         seen[photo_id] = rec.index
-        split = rec.get_str("split")
-        if split not in KARPATHY_SPLITS:
-            raise rec.error("split", f"expected one of {', '.join(KARPATHY_SPLITS)}, got {split!r}")
+        split = rec.get_choice("split", KARPATHY_SPLITS)
         key = f"flickr30k:{photo_id}"
         images.append(ImageRef("flickr30k", key, base_url + filename, split, flickr_id=int(photo_id)))
         splits.append({"corpus": "flickr30k", "scheme": "karpathy", "split": split, "image_key": key})

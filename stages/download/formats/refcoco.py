@@ -89,9 +89,7 @@ def parse_refcoco(files: dict[str, Path], source: DatasetSource) -> Parsed:
             raise rec.error(
                 "image_id", f"is image {image_id} but annotation {ann_id} is on image {boxes[ann_id][0]}"
             )
-        split = rec.get_str("split")
-        if split not in SPLITS:
-            raise rec.error("split", f"expected one of {', '.join(SPLITS)}, got {split!r}")
+        split = rec.get_choice("split", SPLITS)
         sentences = [
             rec.child("sentences", i, item).get_str("raw").strip()
             for i, item in enumerate(rec.get_list("sentences"))
