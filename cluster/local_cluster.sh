@@ -19,6 +19,12 @@ case "${1:-start}" in
     for _ in $(seq 1 "$workers"); do
       "$RAY" start --address 127.0.0.1:6379 --node-ip-address 127.0.0.1 --num-cpus "$cpus"
     done
+    # The dashboard answers a few seconds after `ray start` returns; wait for it before printing the
+    # submit line (its job agent may still need a moment more: Ray then says 'try again later').
+    for _ in $(seq 1 60); do
+      RAY_AUTH_MODE=token "$RAY" job list --address http://127.0.0.1:8265 >/dev/null 2>&1 && break
+      sleep 1
+    done
     echo "submit with: RAY_AUTH_MODE=token $RAY job submit --address http://127.0.0.1:8265 --working-dir . -- python pipeline/run.py --stage all --workdir $PWD/work"
     ;;
   stop)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,11 @@ def test_job_submit_runs_the_pipeline_on_the_cluster(cluster, tmp_path):
         "--workdir",
         str(tmp_path),
     ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(30):  # the head's job agent starts a few seconds after `ray start` returns
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
     (dedup,) = [p for p in (tmp_path / "dedup").iterdir() if not p.name.startswith(".")]
