@@ -34,10 +34,31 @@ def code_digest(paths: tuple[str, ...]) -> str:
     return h.hexdigest()
 
 
-def stage_key(stage: str, code: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
-    payload = json.dumps(
-        {"stage": stage, "code": code, "config": config, "inputs": inputs}, sort_keys=True, default=str
-    )
+def content_digest(path: str) -> str:
+    """Hash of a user-supplied file (or of every file under a dir): weights, vocabularies, tokenizers.
+
+    A missing path hashes as such; the stage that reads it reports the error with its own message.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        return f"missing:{p}"
+    h = hashlib.sha256()
+    for f in [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(str(f.relative_to(p)).encode() if f != p else b"")
+        h.update(b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def stage_key(
+    stage: str, code: str, config: dict[str, Any], inputs: dict[str, str], files: dict[str, str] | None = None
+) -> str:
+    payload = {"stage": stage, "code": code, "config": config, "inputs": inputs}
+    if files:  # only present when a stage reads user files, so other keys stay as they were
+        payload["files"] = files
+    payload = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -16,6 +16,7 @@ from stages.base import StageError
 from stages.dedup.config import DedupConfig
 from stages.download.config import DownloadConfig
 from stages.download.world.config import WorldConfig
+from stages.feature_extraction.config import FeatureConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -48,6 +49,7 @@ class PipelineConfig(BaseModel):
     world: WorldConfig = Field(default_factory=WorldConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

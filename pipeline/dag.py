@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from pipeline.cache import StageStore, code_digest, stage_key
+from pipeline.cache import StageStore, code_digest, content_digest, stage_key
 from pipeline.config import PipelineConfig
 from pipeline.stages import ALL, STAGES
 from pipeline.tracking import Tracker
@@ -27,7 +27,7 @@ from stages.base import StageContext
 log = logging.getLogger("vlp.pipeline")
 
 # What `--stage all` runs to; every other stage is upstream of one of these.
-TERMINAL = ("dedup",)
+TERMINAL = ("features",)
 
 
 @dataclass
@@ -74,7 +74,8 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
         spec = STAGES[name]
         inputs = {up: planned[up].key for up in spec.upstream(cfg)}
         subset = cfg.subset(spec.config)
-        key = stage_key(name, code_digest(spec.code), subset, inputs)
+        files = {f: content_digest(f) for f in spec.files(cfg) if f is not None}
+        key = stage_key(name, code_digest(spec.code), subset, inputs, files)
         forced = force and name == target
         planned[name] = PlannedStage(
             name, key, inputs, subset, cached=store.is_done(name, key) and not forced, force=forced

@@ -21,6 +21,8 @@ class StageSpec:
     config: tuple[str, ...]
     code: tuple[str, ...]
     upstream: Callable[[PipelineConfig], tuple[str, ...]]
+    # User files the stage reads (weights, vocabularies): their contents go into the cache key too.
+    files: Callable[[PipelineConfig], tuple[str | None, ...]] = lambda cfg: ()
 
     def load(self):
         module, func = self.entry.split(":")
@@ -52,6 +54,31 @@ STAGES: dict[str, StageSpec] = {
             config=("dedup",),
             code=(*_BASE_CODE, "stages/dedup"),
             upstream=lambda cfg: ("download",),
+        ),
+        StageSpec(
+            name="detector",
+            entry="stages.feature_extraction.detector.stage:run",
+            config=("features.detector",),
+            code=(*_BASE_CODE, "stages/feature_extraction/detector"),
+            upstream=lambda cfg: ("dedup",),
+        ),
+        StageSpec(
+            name="features",
+            entry="stages.feature_extraction.stage:run",
+            config=("features",),
+            code=(*_BASE_CODE, "stages/feature_extraction"),
+            # The world's scene truth feeds the feature-quality probe; the detector stage exists only to
+            # train weights when none are configured.
+            upstream=lambda cfg: (
+                ("dedup",)
+                + (("detector",) if cfg.features.detector.weights is None else ())
+                + (("world",) if cfg.download.source == "world" else ())
+            ),
+            files=lambda cfg: (
+                cfg.features.detector.weights,
+                cfg.features.detector.detectron2.classes_file,
+                cfg.features.detector.detectron2.attributes_file,
+            ),
         ),
     )
 }
