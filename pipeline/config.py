@@ -17,6 +17,7 @@ from stages.dedup.config import DedupConfig
 from stages.download.config import DownloadConfig
 from stages.download.world.config import WorldConfig
 from stages.feature_extraction.config import FeatureConfig
+from stages.txt_db.config import TxtDbConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -50,6 +51,7 @@ class PipelineConfig(BaseModel):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
+    txt_db: TxtDbConfig = Field(default_factory=TxtDbConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -80,6 +80,14 @@ STAGES: dict[str, StageSpec] = {
                 cfg.features.detector.detectron2.attributes_file,
             ),
         ),
+        StageSpec(
+            name="txtdb",
+            entry="stages.txt_db.stage:run",
+            config=("txt_db",),
+            code=(*_BASE_CODE, "stages/txt_db"),
+            upstream=lambda cfg: ("dedup",),
+            files=lambda cfg: (cfg.txt_db.tokenizer,),
+        ),
     )
 }
 
