@@ -108,7 +108,7 @@ def main() -> None:
         print(f"(a) detector forward-only : {fwd:8.1f} images/s")
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
         try:
-            result = extract(subset, root / "img_db", cfg, weights)
+            result = extract(subset, subset, root / "img_db", cfg, weights)
         finally:
             ray.shutdown()
         assert result.new_ok == args.images, f"{result.new_ok} of {args.images} images stored"

@@ -38,7 +38,8 @@ TINY = REPO_ROOT / "configs" / "tiny.yaml"
 DETECTOR = {"image_size": 96, "max_image_size": 192, "rpn_pre_nms_top_n": 200, "rpn_post_nms_top_n": 100,
             "conf_threshold": 0.1, "min_boxes": 20, "max_boxes": 24}
 NBB = [[0.2, 100, 10], [0.1, 22, 5]]
-# Bad rows planted in the dedup output: key -> expected failure reason.
+# Bad rows planted in the download output (features reads every downloaded image): key -> expected
+# failure reason.
 BAD = {"cc:train:900": "zero_size", "cc:train:901": "zero_size", "cc:train:902": "undecodable",
        "cc:train:903": "undecodable"}
 
@@ -57,12 +58,13 @@ def only_dir(parent: Path) -> Path:
     return child
 
 
-def plant_bad_images(dedup: Path) -> None:
+def plant_bad_images(download: Path) -> None:
     good = jpeg_bytes()
     rows = [{"corpus": "cc", "key": key, "url": f"http://example.com/{key}", "split": "train", "status": "ok",
              "sha256": "0" * 64, "size": 0, "width": 40, "height": 30, "image": data}
             for key, data in zip(BAD, [None, b"", b"GIF89a garbage", good[: len(good) // 3]], strict=True)]
-    pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES), dedup / "images" / "cc" / "shard-09999.parquet")
+    shard = download / "images" / "cc" / "shard-09999.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES), shard)
 
 
 def jpeg_bytes() -> bytes:
@@ -76,7 +78,7 @@ def setup(tmp_path_factory):
     """World -> download -> dedup through the CLI, bad rows planted, a random detector's weight file."""
     workdir = tmp_path_factory.mktemp("work")
     assert main(["--config", str(TINY), "--workdir", str(workdir), "--stage", "dedup"]) == 0
-    plant_bad_images(only_dir(workdir / "dedup"))
+    plant_bad_images(only_dir(workdir / "download"))
     weights = workdir / "random-detector.pt"
     save_checkpoint(weights, DetectorConfig(**DETECTOR), *random_detector())
     return workdir, weights
@@ -119,13 +121,15 @@ def local_ray(extracted):
 
 def stage_context(workdir: Path, out: Path, weights: Path, **extra: str) -> StageContext:
     cfg = load_config(TINY, overrides(weights, **extra))
-    return StageContext(cfg=cfg, workdir=workdir, out_dir=out,
-                        inputs={"dedup": only_dir(workdir / "dedup"), "world": only_dir(workdir / "world")})
+    inputs = {name: only_dir(workdir / name) for name in ("download", "dedup", "world")}
+    return StageContext(cfg=cfg, workdir=workdir, out_dir=out, inputs=inputs)
 
 
-def dedup_keys(workdir: Path) -> set[str]:
-    shards = (only_dir(workdir / "dedup") / "images").glob("*/shard-*.parquet")
-    return {k for s in shards for k in pq.read_table(s, columns=["key"]).column("key").to_pylist()}
+def downloaded_keys(workdir: Path) -> set[str]:
+    """Keys of every image the download stage got (dedup's removals included)."""
+    shards = (only_dir(workdir / "download") / "images").glob("*/shard-*.parquet")
+    tables = [pq.read_table(s, columns=["key", "status"]).to_pylist() for s in shards]
+    return {row["key"] for rows in tables for row in rows if row["status"] == "ok"}
 
 
 def store_arrays(store_dir: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -139,13 +143,16 @@ def store_arrays(store_dir: Path) -> dict[str, dict[str, np.ndarray]]:
 def test_every_good_image_is_stored_exactly_once_with_fp16_features(setup, extracted):
     workdir, _ = setup
     out, _ = extracted
-    expected = dedup_keys(workdir) - set(BAD)
+    expected = downloaded_keys(workdir) - set(BAD)
     env = lmdb.open(str(out / "img_db" / "all"), readonly=True, lock=False)
     with env.begin() as txn:
         key_list = json.loads(txn.get(b"__keys__"))
         assert txn.stat()["entries"] == len(expected) + 1  # the images and __keys__
     env.close()
     assert len(key_list) == len(set(key_list)) and set(key_list) == expected
+    # images dedup kept out of pretraining are stored too: VQA and RefCOCO evaluate on them
+    removed = set(pq.read_table(only_dir(workdir / "dedup") / "removed.parquet").column("key").to_pylist())
+    assert removed and removed <= expected
     arrays = store_arrays(out / "img_db")
     assert set(arrays) == expected
     for a in arrays.values():
@@ -195,7 +202,7 @@ def test_metrics_artifacts_and_cache_reuse(setup, extracted):
     manifest = json.loads((out / "manifest.json").read_text())
     assert (out / "manifest.json").stat().st_mtime_ns == first_mtime  # the second run was a cache hit
     m = manifest["metrics"]
-    n_ok = len(dedup_keys(workdir)) - len(BAD)
+    n_ok = len(downloaded_keys(workdir)) - len(BAD)
     assert m["images_ok"] == n_ok and m["images_processed"] == n_ok + len(BAD)
     assert (m["images_failed"], m["images_failed.zero_size"], m["images_failed.undecodable"]) == (4, 2, 2)
     assert m["images_per_s"] > 0 and m["store_bytes"] > 0
@@ -214,10 +221,10 @@ import ray
 from pipeline.config import load_config
 from stages.base import StageContext
 from stages.feature_extraction.stage import run
-address, config, dedup, out, *overrides = sys.argv[1:]
+address, config, download, dedup, out, *overrides = sys.argv[1:]
 ray.init(address=address, logging_level="WARNING")
 run(StageContext(cfg=load_config(config, overrides), workdir=Path(out).parent, out_dir=Path(out),
-                 inputs={"dedup": Path(dedup)}))
+                 inputs={"download": Path(download), "dedup": Path(dedup)}))
 """
 
 
@@ -244,9 +251,10 @@ def test_killed_run_resumes_to_the_same_store(setup, extracted, local_ray, tmp_p
     workdir, weights = setup
     reference, _ = extracted
     out = tmp_path / "features"
-    dedup = only_dir(workdir / "dedup")
+    download, dedup = only_dir(workdir / "download"), only_dir(workdir / "dedup")
     address = ray.get_runtime_context().gcs_address
-    argv = [sys.executable, "-c", KILLABLE_RUN, address, str(TINY), str(dedup), str(out), *overrides(weights)]
+    argv = [sys.executable, "-c", KILLABLE_RUN, address, str(TINY), str(download), str(dedup), str(out),
+            *overrides(weights)]
     log = tmp_path / "killed-run.log"
     with open(log, "w") as sink:
         proc = subprocess.Popen(argv, cwd=REPO_ROOT, start_new_session=True, stdout=sink, stderr=sink)
@@ -260,7 +268,7 @@ def test_killed_run_resumes_to_the_same_store(setup, extracted, local_ray, tmp_p
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     before = raw_values(out / "img_db" / "all")
-    total = len(dedup_keys(workdir)) - len(BAD)
+    total = len(downloaded_keys(workdir)) - len(BAD)
     assert 20 <= len(before) < total
     assert not list((out / "img_db").glob("nbb_*.json"))  # an unfinished store has no sidecar
 
@@ -290,9 +298,10 @@ def test_given_boxes_mode_stores_exactly_the_annotated_boxes(setup, local_ray, t
     result = run_features(stage_context(workdir, tmp_path, weights, mode="given_boxes", unannotated="skip"))
     objects = pq.read_table(dedup / "tables" / "objects.parquet").to_pylist()
     sizes = {}
-    for shard in (dedup / "images").glob("*/shard-*.parquet"):
-        for row in pq.read_table(shard, columns=["key", "width", "height"]).to_pylist():
-            sizes[row["key"]] = (row["width"], row["height"])
+    for shard in (only_dir(workdir / "download") / "images").glob("*/shard-*.parquet"):
+        for row in pq.read_table(shard, columns=["key", "status", "width", "height"]).to_pylist():
+            if row["status"] == "ok":
+                sizes[row["key"]] = (row["width"], row["height"])
     truth: dict[str, list] = {}
     for o in objects:
         w, h = sizes[o["image_key"]]

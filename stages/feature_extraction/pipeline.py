@@ -42,7 +42,7 @@ PROGRESS_EVERY_S = 10.0
 class WorkPlan:
     files: list[str]  # shards with at least one image left to process
     exclude: frozenset[str]  # keys inside those shards not to process (stored, or skipped)
-    total: int  # images in the dedup output
+    total: int  # images downloaded
     stored: int  # of which already in the store when the run started
     skipped: int  # of which not processed: no annotation in given_boxes mode with unannotated=skip
 
@@ -60,10 +60,10 @@ class Extraction:
         return self.new_ok + len(self.failures)
 
 
-def image_shards(dedup_dir: Path) -> list[Path]:
-    shards = sorted(Path(dedup_dir).glob("images/*/shard-*.parquet"))
+def image_shards(images_dir: Path) -> list[Path]:
+    shards = sorted(Path(images_dir).glob("images/*/shard-*.parquet"))
     if not shards:
-        raise StageError(f"{dedup_dir}: no images/<corpus>/shard-*.parquet to extract features from")
+        raise StageError(f"{images_dir}: no images/<corpus>/shard-*.parquet to extract features from")
     return shards
 
 
@@ -72,10 +72,14 @@ def plan_work(shards: list[Path], done: Callable[[str], bool], wanted: frozenset
     files, exclude = [], set()
     total = stored = skipped = 0
     for shard in shards:
-        keys = pq.read_table(shard, columns=["key"]).column("key").to_pylist()
-        total += len(keys)
+        table = pq.read_table(shard, columns=["key", "status"])
+        keys = table.column("key").to_pylist()
         drop = set()
-        for key in keys:
+        for key, status in zip(keys, table.column("status").to_pylist(), strict=True):
+            if status != "ok":  # a download failure, counted by the download stage; no bytes to read
+                drop.add(key)
+                continue
+            total += 1
             if done(key):
                 stored += 1
                 drop.add(key)
@@ -164,18 +168,20 @@ def build_dataset(plan: WorkPlan, cfg: FeatureConfig, weights: Path, given: dict
 
 
 def extract(
-    dedup_dir: Path,
+    images_dir: Path,
+    tables_dir: Path,
     store_dir: Path,
     cfg: FeatureConfig,
     weights: Path,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> Extraction:
-    """Extract every image of the dedup output not yet in the store at ``store_dir``, then finalize it.
+    """Extract every downloaded image (``images_dir``: the download output) not yet in the store at
+    ``store_dir``, then finalize it; annotated boxes for ``given_boxes`` come from ``tables_dir`` (dedup).
 
     ``progress(done, todo, images_per_s)`` is called every few seconds while images arrive.
     """
-    shards = image_shards(dedup_dir)
-    given = annotated_boxes(dedup_dir) if cfg.mode == "given_boxes" else None
+    shards = image_shards(images_dir)
+    given = annotated_boxes(tables_dir) if cfg.mode == "given_boxes" else None
     wanted = frozenset(given) if given is not None and cfg.unannotated == "skip" else None
     writer = ImgDbWriter(store_dir, compress=cfg.compress, nbb_configs=cfg.nbb, batch_bytes=cfg.commit_bytes)
     with writer:

@@ -1,4 +1,8 @@
-"""The ``features`` stage: region features of every deduplicated image, in UNITER's img_db layout.
+"""The ``features`` stage: region features of every downloaded image, in UNITER's img_db layout.
+
+One store serves pretraining and the downstream tasks, so it holds the images dedup removed from the
+pretraining corpora too (VQA and RefCOCO evaluate on COCO images that dedup keeps out of pretraining):
+what pretraining may see is decided by the text side (the txtdb stage reads dedup's filtered captions).
 
 Output (in ``ctx.out_dir``)::
 
@@ -7,9 +11,10 @@ Output (in ``ctx.out_dir``)::
     stats.json                the metrics below, the failure counts and the work plan
     boxes_per_image.png       histogram of the regions a reader gets per image (first nbb config)
 
-Inputs: ``dedup`` (images and tables), ``detector`` (its ``detector.pt``, unless
-``features.detector.weights`` names a file) and, in world mode, ``world`` (``scenes.jsonl``: the truth
-for the feature-quality probe). A killed run resumes from the store it left in ``ctx.out_dir``.
+Inputs: ``download`` (the images), ``dedup`` (tables, for ``given_boxes``), ``detector`` (its
+``detector.pt``, unless ``features.detector.weights`` names a file) and, in world mode, ``world``
+(``scenes.jsonl``: the truth for the feature-quality probe). A killed run resumes from the store it
+left in ``ctx.out_dir``.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def run(ctx: StageContext) -> StageResult:
         ctx.log.info("features: %d/%d images, %.1f images/s", done, todo, rate)
         ctx.log_metrics({"progress.images": done, "progress.images_per_s": rate}, step=done)
 
-    result = extract(ctx.inputs["dedup"], store_dir, cfg, weights, progress)
+    result = extract(ctx.inputs["download"], ctx.inputs["dedup"], store_dir, cfg, weights, progress)
     failures = sorted(result.failures, key=lambda f: (f["corpus"], f["key"]))
     pq.write_table(pa.Table.from_pylist(failures, schema=FAILURES), ctx.out_dir / "failures.parquet")
 
