@@ -17,6 +17,7 @@ from stages.dedup.config import DedupConfig
 from stages.download.config import DownloadConfig
 from stages.download.world.config import WorldConfig
 from stages.feature_extraction.config import FeatureConfig
+from stages.pretrain.config import PretrainConfig
 from stages.txt_db.config import TxtDbConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,7 @@ class PipelineConfig(BaseModel):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     txt_db: TxtDbConfig = Field(default_factory=TxtDbConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

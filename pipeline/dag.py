@@ -27,7 +27,7 @@ from stages.base import StageContext
 log = logging.getLogger("vlp.pipeline")
 
 # What `--stage all` runs to; every other stage is upstream of one of these.
-TERMINAL = ("features",)
+TERMINAL = ("pretrain",)
 
 
 @dataclass

@@ -29,7 +29,11 @@ class StageSpec:
         return getattr(importlib.import_module(module), func)
 
 
-_BASE_CODE = ("stages/base.py", "vlp/data")
+# Each stage hashes the library modules it imports, not all of vlp/, so that adding a later stage's
+# code does not invalidate the outputs of earlier ones.
+_BASE_CODE = ("stages/base.py",)
+_TABLES = "vlp/data/tables.py"
+_IMG_DB = ("vlp/data/img_db.py", "vlp/data/msgpack_codec.py")
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
@@ -45,14 +49,14 @@ STAGES: dict[str, StageSpec] = {
             name="download",
             entry="stages.download.stage:run",
             config=("download",),
-            code=(*_BASE_CODE, "stages/download"),
+            code=(*_BASE_CODE, _TABLES, "stages/download"),
             upstream=lambda cfg: ("world",) if cfg.download.source == "world" else (),
         ),
         StageSpec(
             name="dedup",
             entry="stages.dedup.stage:run",
             config=("dedup",),
-            code=(*_BASE_CODE, "stages/dedup"),
+            code=(*_BASE_CODE, _TABLES, "stages/dedup"),
             upstream=lambda cfg: ("download",),
         ),
         StageSpec(
@@ -66,11 +70,11 @@ STAGES: dict[str, StageSpec] = {
             name="features",
             entry="stages.feature_extraction.stage:run",
             config=("features",),
-            code=(*_BASE_CODE, "stages/feature_extraction"),
+            code=(*_BASE_CODE, *_IMG_DB, "stages/feature_extraction"),
             # The world's scene truth feeds the feature-quality probe; the detector stage exists only to
             # train weights when none are configured.
             upstream=lambda cfg: (
-                ("dedup",)
+                ("download", "dedup")
                 + (("detector",) if cfg.features.detector.weights is None else ())
                 + (("world",) if cfg.download.source == "world" else ())
             ),
@@ -84,9 +88,19 @@ STAGES: dict[str, StageSpec] = {
             name="txtdb",
             entry="stages.txt_db.stage:run",
             config=("txt_db",),
-            code=(*_BASE_CODE, "stages/txt_db"),
+            code=(*_BASE_CODE, _TABLES, *_IMG_DB, "vlp/data/tokenizer.py", "vlp/data/txt_db.py",
+                  "stages/txt_db"),
             upstream=lambda cfg: ("dedup",),
             files=lambda cfg: (cfg.txt_db.tokenizer,),
+        ),
+        StageSpec(
+            name="pretrain",
+            entry="stages.pretrain.stage:run",
+            config=("pretrain",),
+            code=(*_BASE_CODE, "vlp/data", "vlp/model", "vlp/objectives", "vlp/eval", "vlp/distributed.py",
+                  "stages/pretrain"),
+            upstream=lambda cfg: ("txtdb", "features"),
+            files=lambda cfg: (cfg.pretrain.model.init_from_bert,),
         ),
     )
 }
