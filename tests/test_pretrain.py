@@ -1,0 +1,360 @@
+"""The pretraining loop on real Ray Train workers (DDP over gloo) and the pretrain stage, on a small generated
+store: text dbs written with a WordPiece vocab trained on their captions, and a region store whose regions
+are noisy prototypes of the (colour, shape) objects the captions name, so every objective can learn."""
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from ray import cloudpickle
+
+from stages.base import StageContext, StageError
+from stages.pretrain import checkpointing
+from stages.pretrain.config import PretrainConfig
+from stages.pretrain.data import NumberedBatches, PreparedBatches, build_corpus, seed_of
+from stages.pretrain.modeling import (
+    build_model,
+    encoder_config,
+    loss_weights,
+    objective_options,
+    target_count,
+)
+from stages.pretrain.stage import RUN_NAME, fit, preflight
+from stages.pretrain.stage import run as run_pretrain
+from vlp.data.batching import UnitBatchSampler
+from vlp.data.img_db import ImgDbWriter
+from vlp.data.task_sampler import TaskSampler
+from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wordpiece
+from vlp.data.txt_db import TxtDbWriter
+from vlp.model import UniterModel
+
+# Hooks defined here travel to the Ray workers by value (this test module is not importable there).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SHAPES = ["circle", "square", "star", "heart", "moon", "cross"]
+COLOURS = ["red", "blue", "green", "yellow"]
+DIM = 32
+NBB = (0.2, 100, 2)
+
+
+def build_store(root: Path, n_images: int, soft_labels: bool = True, seed: int = 0) -> tuple[Path, Path]:
+    """txt_db/ (tokenizer + toy_train / toy_val / toy_test dbs, 70/15/15% of the images) and img_db/."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.normal(size=(len(SHAPES), len(COLOURS), DIM)).astype(np.float32)
+    scenes = {f"toy:{i}": [(int(rng.integers(len(SHAPES))), int(rng.integers(len(COLOURS))))
+                           for _ in range(int(rng.integers(2, 4)))] for i in range(n_images)}
+    with ImgDbWriter(root / "img_db", nbb_configs=[NBB]) as writer:
+        for key, objects in scenes.items():
+            n = len(objects) + int(rng.integers(1, 3))  # plus background clutter
+            feats = rng.normal(scale=0.3, size=(n, DIM)).astype(np.float32)
+            labels = np.zeros((n, len(SHAPES) + 1), np.float32)
+            labels[:, 0] = 1.0
+            for j, (shape, colour) in enumerate(objects):
+                feats[j] += prototypes[shape, colour]
+                labels[j] = 0.04
+                labels[j, shape + 1] = 1.0 - 0.04 * len(SHAPES)
+            xy = rng.uniform(0, 0.5, (n, 2))
+            wh = rng.uniform(0.1, 0.5, (n, 2))
+            writer.put(key, features=feats, norm_bb=np.concatenate([xy, xy + wh, wh], 1),
+                       conf=np.sort(rng.uniform(0.3, 1.0, n))[::-1],
+                       soft_labels=labels if soft_labels else labels[:, :0])
+    captions = {key: [" and ".join(f"a {COLOURS[objects[o][1]]} {SHAPES[objects[o][0]]}"
+                                   for o in rng.permutation(len(objects))) for _ in range(2)]
+                for key, objects in scenes.items()}
+    tok = train_wordpiece([c for caps in captions.values() for c in caps], 200)
+    txt_dir = root / "txt_db"
+    save_tokenizer(tok, txt_dir / "tokenizer")
+    keys = list(scenes)
+    cut = [0, int(0.7 * n_images), int(0.85 * n_images), n_images]
+    for name, lo, hi in zip(("train", "val", "test"), cut, cut[1:], strict=False):
+        with TxtDbWriter(txt_dir / f"toy_{name}.db", tokenizer_meta(tok, "toy")) as writer:
+            for key in keys[lo:hi]:
+                for v, ids in enumerate(encode(tok, captions[key])):
+                    writer.add(f"{key}:{v}", {"input_ids": ids, "img_fname": key})
+    return txt_dir, root / "img_db"
+
+
+def loop_config(**over) -> PretrainConfig:
+    """Exact arithmetic (fp32, no dropout), no validation: what the gradient and resume checks need."""
+    base = dict(train_dbs=["toy_train"], nbb=NBB, batch_units=300, grad_accum=2, steps=8, num_workers=2,
+                precision="fp32", model={"dropout": 0.0}, optim={"warmup_steps": 2, "lr": 1e-3},
+                checkpoint_every=2, keep_checkpoints=10, log_every=2, max_failures=1, seed=3,
+                validation={"every": 100, "dbs": [], "holdout_images": 0, "retrieval_db": None})
+    return PretrainConfig(**(base | over))
+
+
+@dataclass
+class SaveGradients:
+    """Rank 0 saves the model state and gradients at the first step of every task."""
+
+    out: str
+
+    def __call__(self, event) -> None:
+        path = Path(self.out) / f"{event.task}.pt"
+        if event.rank == 0 and not path.exists():
+            grads = {n: p.grad.clone() for n, p in event.model.named_parameters() if p.grad is not None}
+            torch.save({"step": event.step, "state": event.model.state_dict(), "grads": grads}, path)
+
+
+@dataclass
+class LogSteps:
+    path: str
+
+    def __call__(self, event) -> None:
+        if event.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{event.step}\n")
+
+
+@dataclass
+class KillWorker:
+    """Rank 1 exits hard at ``step``, once, after Ray Train registered the checkpoint of ``after``."""
+
+    step: int
+    after: int
+    snapshot: str
+    marker: str
+
+    def __call__(self, event) -> None:
+        if event.rank != 1 or event.step != self.step or os.path.exists(self.marker):
+            return
+        Path(self.marker).touch()
+        deadline = time.time() + 60
+        while time.time() < deadline:  # the controller registers reports when it polls the workers
+            if os.path.exists(self.snapshot):
+                latest = json.loads(Path(self.snapshot).read_text()).get("latest_checkpoint_result") or {}
+                if latest.get("metrics", {}).get("step", 0) >= self.after:
+                    break
+            time.sleep(0.1)
+        os._exit(1)
+
+
+@dataclass
+class PoisonWeights:
+    """Makes the word embeddings NaN after the gradients of ``step``: the next step's loss is NaN."""
+
+    step: int
+
+    def __call__(self, event) -> None:
+        if event.step == self.step:
+            with torch.no_grad():
+                event.model.encoder.embeddings.word_embeddings.weight.fill_(float("nan"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return build_store(tmp_path_factory.mktemp("store"), n_images=60)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # Faster failure detection and report collection than the 2 s default (read by the train controller).
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+    os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+
+def checkpoint_steps(storage: Path) -> list[int]:
+    run = storage / RUN_NAME
+    return sorted(checkpointing.load_progress(d)["step"] for d in run.glob("checkpoint_*")
+                  if (d / checkpointing.PROGRESS_FILE).is_file())
+
+
+def final_state(result) -> dict:
+    with result.checkpoint.as_directory() as d:
+        return checkpointing.load_state(Path(d))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(store, local_ray, tmp_path_factory):
+    """Two workers, two micro-batches each, eight steps; gradients saved at the first step of each task."""
+    out = tmp_path_factory.mktemp("grads")
+    cfg = loop_config()
+    result = fit(cfg, *store, out / "ray_train", hooks=[SaveGradients(str(out))])
+    return cfg, out, result
+
+
+def reference_gradients(cfg: PretrainConfig, corpus, saved: dict, task: str) -> dict[str, torch.Tensor]:
+    """One process: the gradient of the mean loss over the global batch the two workers split between them
+    (each worker's first ``grad_accum`` batches of the task), from the weights the workers had."""
+    ucfg = encoder_config(cfg, int(corpus.meta["vocab_size"]), corpus.img_dim)
+    model = build_model(ucfg, objective_options(cfg, corpus.meta, corpus.label_dim))
+    model.load_state_dict(saved["state"])
+    objective = model.objectives[task]
+    batches = []
+    for rank in range(cfg.num_workers):
+        sampler = UnitBatchSampler(corpus.train.txt_lens, corpus.train.img_lens, cfg.batch_units,
+                                   seed=seed_of(cfg.seed, "batches", task), rank=rank,
+                                   world_size=cfg.num_workers)
+        data = PreparedBatches(corpus.train, objective.prepare, cfg.seed, f"train/{task}", 0)
+        items = iter(NumberedBatches(sampler))
+        batches += [data[next(items)] for _ in range(cfg.grad_accum)]
+    counts = [target_count(objective, b) for b in batches]
+    weights = loss_weights(cfg)
+    total = sum(
+        n * sum(weights.get(k, 1.0) * v for k, v in model(task, b).items() if k.endswith("_loss"))
+        for b, n in zip(batches, counts, strict=True)
+    ) / sum(counts)
+    total.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_two_workers_give_the_gradient_of_the_global_batch(uninterrupted, store):
+    cfg, out, _ = uninterrupted
+    sampler = TaskSampler(cfg.tasks, seed=cfg.seed)
+    first = {}
+    for step in range(cfg.steps):
+        first.setdefault(sampler.task(step), step + 1)
+    assert first == {"mlm": 1, "mrfr": 2, "itm": 3, "mrc_kl": 5}
+    corpus = build_corpus(cfg, *store)
+    for task, step in first.items():
+        saved = torch.load(out / f"{task}.pt", weights_only=True)
+        assert saved["step"] == step
+        expected = reference_gradients(cfg, corpus, saved, task)
+        assert saved["grads"].keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(saved["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=f"{task} {name}")
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint_with_the_step_count_intact(uninterrupted, store,
+                                                                                  tmp_path):
+    cfg, _, reference = uninterrupted
+    storage = tmp_path / "ray_train"
+    steps_log = tmp_path / "steps.txt"
+    kill = KillWorker(step=5, after=4, snapshot=str(storage / RUN_NAME / "checkpoint_manager_snapshot.json"),
+                      marker=str(tmp_path / "killed"))
+    result = fit(cfg, *store, storage, hooks=[LogSteps(str(steps_log)), kill])
+    assert (tmp_path / "killed").exists()
+    # Attempt 1 ran steps 1-5 (killed in step 5); attempt 2 resumed from the step-4 checkpoint.
+    assert [int(s) for s in steps_log.read_text().split()] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    assert checkpoint_steps(storage) == [2, 4, 6, 8]
+    assert result.metrics["step"] == cfg.steps
+    state, expected = final_state(result), final_state(reference)
+    assert state["step"] == cfg.steps and state["task_sampler"]["step"] == cfg.steps
+    # Sampler positions, masks, task choice and optimizer state resumed: the weights of a run without a kill.
+    for name, value in expected["model"].items():
+        torch.testing.assert_close(state["model"][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_nan_loss_names_step_and_task_and_a_rerun_resumes_from_the_last_checkpoint(store, local_ray,
+                                                                                   tmp_path):
+    cfg = loop_config(steps=6, num_workers=1)  # one worker: the check needs no DDP, and starts faster
+    storage = tmp_path / "ray_train"
+    steps_log = tmp_path / "steps.txt"
+    with pytest.raises(StageError) as err:
+        fit(cfg, *store, storage, hooks=[LogSteps(str(steps_log)), PoisonWeights(step=3)])
+    assert str(err.value) == (
+        "pretrain: non-finite loss itm_loss=nan, wra_loss=nan at step 4 (task 'itm'); training stopped, "
+        "the last good checkpoint (step 2) is kept"
+    )
+    # The retry Ray Train makes (max_failures=1) fails at once instead of repeating the run.
+    assert [int(s) for s in steps_log.read_text().split()] == [1, 2, 3]
+    assert checkpoint_steps(storage) == [2]
+    # Rerunning the stage on the same storage (same cache key) resumes from that checkpoint.
+    result = fit(cfg, *store, storage, hooks=[LogSteps(str(steps_log))])
+    assert [int(s) for s in steps_log.read_text().split()] == [1, 2, 3, 3, 4, 5, 6]
+    assert result.metrics["step"] == 6 and checkpoint_steps(storage) == [2, 4, 6]
+
+
+def test_a_task_whose_input_the_store_lacks_fails_at_start(tmp_path):
+    txt_dir, img_dir = build_store(tmp_path, n_images=20, soft_labels=False)
+    with pytest.raises(StageError) as err:
+        preflight(loop_config(), txt_dir, img_dir)
+    assert str(err.value) == (f"pretrain.tasks: task 'mrc_kl' needs soft_labels, which the feature store "
+                              f"{img_dir} does not provide")
+    preflight(loop_config(tasks={"mlm": 1.0, "itm": 1.0, "mrfr": 1.0}), txt_dir, img_dir)
+
+
+def test_missing_db_and_too_small_batch_budget_fail_at_start(store):
+    txt_dir, img_dir = store
+    with pytest.raises(StageError) as err:
+        preflight(loop_config(validation={"dbs": ["toy_dev"]}), txt_dir, img_dir)
+    assert str(err.value) == (f"pretrain.validation.dbs: text db 'toy_dev' not found in {txt_dir} "
+                              "(available: toy_test, toy_train, toy_val)")
+    with pytest.raises(StageError, match=r"^pretrain\.batch_units: max_units=10 is below the size of"):
+        preflight(loop_config(batch_units=10), txt_dir, img_dir)
+
+
+def test_text_dbs_of_another_tokenizer_fail_at_start(store, tmp_path):
+    txt_dir, img_dir = store
+    mixed = tmp_path / "txt_db"
+    shutil.copytree(txt_dir, mixed)
+    meta_file = mixed / "toy_val.db" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(meta | {"MASK": meta["MASK"] + 1, "vocab_digest": "0" * 16}))
+    with pytest.raises(StageError) as err:
+        preflight(loop_config(validation={"dbs": ["toy_val"], "holdout_images": 0}), mixed, img_dir)
+    assert str(err.value) == ("pretrain.validation.dbs: meta.json fields ['MASK', 'vocab_digest'] differ "
+                              "from the train dbs' (text dbs built with another tokenizer)")
+
+
+def test_corpus_keeps_evaluation_images_out_of_training(store):
+    cfg = loop_config(train_dbs=["toy_train", "toy_val"],
+                      validation={"dbs": ["toy_val"], "holdout_images": 5, "retrieval_db": "toy_test"})
+    corpus = build_corpus(cfg, *store)
+    # 60 images with 2 captions each: train 42 images, val 9, test 9.
+    assert (len(corpus.train), len(corpus.val), len(corpus.retrieval)) == (84 - 10, 10 + 18, 18)
+    assert corpus.notes == ["train: 18 captions of validation or retrieval images left out",
+                            "validation: 10 captions of 5 training images held out"]
+    val_images = {k for part in corpus.val.datasets for k in part.img_keys}
+    assert not val_images & set(corpus.train.img_keys)
+    assert (corpus.img_dim, corpus.label_dim) == (DIM, len(SHAPES) + 1)
+
+
+@pytest.mark.slow
+def test_pretrain_stage_end_to_end(store, local_ray, tmp_path):
+    txt_dir, img_dir = store
+    features = tmp_path / "features"
+    features.mkdir()
+    (features / "img_db").symlink_to(img_dir)
+    cfg = PretrainConfig(
+        train_dbs=["toy_train"], nbb=NBB, batch_units=400, steps=60, num_workers=2, log_every=10,
+        checkpoint_every=30, optim={"warmup_steps": 6, "lr": 1e-3},
+        validation={"every": 30, "dbs": ["toy_val"], "holdout_images": 0, "retrieval_db": "toy_test",
+                    "retrieval_every": 0, "retrieval_chunk": (3, 16)},
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    out = tmp_path / "out"
+    ctx = StageContext(cfg=SimpleNamespace(pretrain=cfg), workdir=tmp_path, out_dir=out,
+                       inputs={"txtdb": txt_dir, "features": features}, mlflow_run_id=run_id,
+                       mlflow_tracking_uri=uri)
+    result = run_pretrain(ctx)
+
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["steps"] == 60 and result.metrics["steps"] == 60
+    untrained, final = record["untrained"], record["final"]
+    assert result.metrics["final.mlm_acc"] == final["mlm_acc"]
+    assert result.metrics["untrained.mlm_acc"] == untrained["mlm_acc"]
+    assert final["mlm_acc"] > untrained["mlm_acc"] + 0.3
+    assert final["mlm_loss"] < untrained["mlm_loss"] - 1.0
+    assert {"itm_acc", "mrc_kl_acc", "zs_ir_r1", "zs_tr_r10", "zs_meta_sum"} <= final.keys()
+    assert all(record["throughput"][f"{t}/units_per_s"] > 0 for t in cfg.tasks)
+
+    model = UniterModel.from_pretrained(out / "model")
+    assert model.config.img_dim == DIM and model.config.vocab_size == int(
+        json.loads((txt_dir / "toy_train.db" / "meta.json").read_text())["vocab_size"])
+    heads = torch.load(out / "model" / "heads.pt", weights_only=True)
+    assert {k.split(".")[0] for k in heads} == set(cfg.tasks)
+    vocab = (txt_dir / "tokenizer" / "vocab.txt").read_bytes()
+    assert (out / "tokenizer" / "vocab.txt").read_bytes() == vocab
+
+    # Curves from rank 0 in the stage's MLflow run: training every 10 steps, validation at 0, 30, 60.
+    loss = client.get_metric_history(run_id, "train/mlm/mlm_loss")
+    assert [m.step for m in loss] == [10, 20, 30, 40, 50, 60]
+    assert [m.step for m in client.get_metric_history(run_id, "val/mlm_acc")] == [0, 30, 60]
+    assert [m.step for m in client.get_metric_history(run_id, "val/zs_ir_r1")] == [0, 60]
+    assert client.get_metric_history(run_id, "train/itm/units_per_s")[-1].value > 0
