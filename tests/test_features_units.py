@@ -79,14 +79,18 @@ def test_boxes_are_normalized_to_the_image_and_given_boxes_follow_a_resize():
 
 
 def test_plan_reads_only_shards_with_work_and_drops_their_done_keys(tmp_path):
-    for corpus, keys in {"coco": ["coco:1", "coco:2"], "vg": ["vg:1", "vg:2"], "cc": ["cc:0"]}.items():
+    # cc:1 failed to download: never read, not counted (download's stats count it)
+    shard_rows = {"coco": [("coco:1", "ok"), ("coco:2", "ok")], "vg": [("vg:1", "ok"), ("vg:2", "ok")],
+                  "cc": [("cc:0", "ok"), ("cc:1", "http_404")]}
+    for corpus, rows in shard_rows.items():
         (tmp_path / corpus).mkdir()
-        pq.write_table(pa.table({"key": keys}), tmp_path / corpus / "shard-00000.parquet")
+        keys, statuses = zip(*rows, strict=True)
+        pq.write_table(pa.table({"key": keys, "status": statuses}), tmp_path / corpus / "shard-00000.parquet")
     shards = sorted(tmp_path.glob("*/shard-*.parquet"))
     done = {"coco:1", "coco:2", "vg:1"}
     plan = plan_work(shards, done.__contains__, wanted=None)
     assert [p.split("/")[-2] for p in plan.files] == ["cc", "vg"]
-    assert plan.exclude == {"vg:1"}
+    assert plan.exclude == {"vg:1", "cc:1"}
     assert (plan.total, plan.stored, plan.skipped) == (5, 3, 0)
     # given_boxes + skip: only annotated images are wanted
     plan = plan_work(shards, done.__contains__, wanted=frozenset({"vg:2"}))
