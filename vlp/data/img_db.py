@@ -359,7 +359,43 @@ def _release_env(db_dir: Path) -> None:
                 del _shared_envs[key]
 
 
-class ImgDb:
+class ProcessLocalReader:
+    """A readonly LMDB env at ``self._env_dir``, opened lazily in each process that reads.
+
+    The object pickles without its env, so it can go to DataLoader workers (fork) or other processes;
+    ``_open_error`` turns an lmdb failure into the reader's own one-line error.
+    """
+
+    _env_dir: Path
+    _env: lmdb.Environment | None = None
+    _pid: int | None = None
+
+    def _open_error(self, err: lmdb.Error) -> Exception:
+        return ImgDbError(f"{self._env_dir}: cannot open LMDB ({err})")
+
+    def _env_here(self) -> lmdb.Environment:
+        if self._pid != os.getpid():
+            try:
+                self._env = _acquire_env(self._env_dir)
+            except lmdb.Error as e:
+                raise self._open_error(e) from None
+            self._pid = os.getpid()
+        return self._env
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_env", "_pid")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _env=None, _pid=None)
+
+    def close(self) -> None:
+        """Let go of the env (closed with its last user in this process), e.g. before writing to it."""
+        if self._env is not None and self._pid == os.getpid():
+            _release_env(self._env_dir)
+        self._env = self._pid = None
+
+
+class ImgDb(ProcessLocalReader):
     """Reader with the semantics of UNITER's ``DetectFeatLmdb``; opens stores written by either side.
 
     ``path`` is the img_db dir holding the LMDB dir(s) and sidecars. The env is opened readonly without
@@ -386,9 +422,7 @@ class ImgDb:
             hint = [n for n in other if (self.path / n / "data.mdb").is_file()]
             raise ImgDbError(f"{self.path}: no img_db LMDB {' or '.join(names)}"
                              + (f" (found {hint[0]}: pass compress={not compress})" if hint else ""))
-        self.db_dir = found[0]
-        self._env: lmdb.Environment | None = None
-        self._pid: int | None = None
+        self.db_dir = self._env_dir = found[0]
         try:
             self.name2nbb: dict[str, int] = self._load_name2nbb()
         except BaseException:
@@ -412,24 +446,6 @@ class ImgDb:
                              "(writer never closed?)")
         return {k: compute_num_bb(self.read_arrays(k)["conf"], self.conf_th, self.max_bb, self.min_bb)
                 for k in json.loads(raw.decode("utf-8"))}
-
-    def _env_here(self) -> lmdb.Environment:
-        if self._pid != os.getpid():
-            self._env = _acquire_env(self.db_dir)
-            self._pid = os.getpid()
-        return self._env
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_env", "_pid")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _env=None, _pid=None)
-
-    def close(self) -> None:
-        """Let go of the env (closed with its last user), e.g. before writing to the same store again."""
-        if self._env is not None and self._pid == os.getpid():
-            _release_env(self.db_dir)
-        self._env = self._pid = None
 
     def __len__(self) -> int:
         return len(self.name2nbb)

@@ -34,7 +34,7 @@ import lmdb
 import lz4.frame
 import msgpack
 
-from vlp.data.img_db import _acquire_env, _release_env
+from vlp.data.img_db import ProcessLocalReader
 
 META_FILE = "meta.json"
 ID2LEN_FILE = "id2len.json"
@@ -170,7 +170,7 @@ def _read_json(path: Path, what: str):
         raise TxtDbError(f"{path}: not valid JSON ({e})") from None
 
 
-class TxtDb:
+class TxtDb(ProcessLocalReader):
     """Reader of a ``<name>.db`` txt_db, ours or UNITER's.
 
     ``ids`` (in id2len.json order), ``id2len``, ``txt2img``, ``img2txts`` (derived from txt2img when the
@@ -204,29 +204,10 @@ class TxtDb:
         else:
             self.img2txts = _derive_img2txts(self.txt2img)
         self.ids: list[str] = list(self.id2len)
-        self._env: lmdb.Environment | None = None
-        self._pid: int | None = None
+        self._env_dir = self.path
 
-    def _env_here(self) -> lmdb.Environment:
-        if self._pid != os.getpid():
-            try:
-                self._env = _acquire_env(self.path)
-            except lmdb.Error as e:
-                raise TxtDbError(f"{self.path}: cannot open LMDB ({e})") from None
-            self._pid = os.getpid()
-        return self._env
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_env", "_pid")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _env=None, _pid=None)
-
-    def close(self) -> None:
-        """Let go of the env (closed with its last user in this process)."""
-        if self._env is not None and self._pid == os.getpid():
-            _release_env(self.path)
-        self._env = self._pid = None
+    def _open_error(self, err: lmdb.Error) -> Exception:
+        return TxtDbError(f"{self.path}: cannot open LMDB ({err})")
 
     def __len__(self) -> int:
         return len(self.id2len)
