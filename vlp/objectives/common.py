@@ -8,7 +8,8 @@ from vlp.model.uniter import UniterModel
 
 
 def encode(model: UniterModel, batch: dict) -> Tensor:
-    """Sequence output [B, Lt+N, H] of the UNITER encoder for a collated (and prepared) batch."""
+    """Sequence output [B, Lt+N, H] of the UNITER encoder for a collated (and prepared) batch, pretraining's
+    or a downstream task's."""
     output = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
@@ -17,6 +18,7 @@ def encode(model: UniterModel, batch: dict) -> Tensor:
         img_pos_feat=batch["img_pos_feat"],
         img_mask=batch["img_mask"],
         img_masked=batch.get("img_masked"),
+        img_type_ids=batch.get("img_type_ids"),  # NLVR2's two images
     )
     return output.sequence_output
 

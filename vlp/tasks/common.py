@@ -214,19 +214,6 @@ def finish_records(records: list[dict[str, Any]], img_db: ImgDb, tokenizer_dir: 
     return records, missing, num_images
 
 
-def run_encoder(model: UniterModel, batch: dict[str, Any]) -> Tensor:
-    """Sequence output [B, Lt + N, H] of the encoder for a task batch (image type ids when it has them)."""
-    return model(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        txt_mask=batch["txt_mask"],
-        img_feat=batch["img_feat"],
-        img_pos_feat=batch["img_pos_feat"],
-        img_mask=batch["img_mask"],
-        img_type_ids=batch.get("img_type_ids"),
-    ).sequence_output
-
-
 def classifier_mlp(config: UniterConfig, num_outputs: int) -> nn.Sequential:
     """UNITER's VQA / VE classifier over the pooled [CLS]: Linear(H, 2H) - GELU - LayerNorm - Linear."""
     hidden = 2 * config.hidden_size

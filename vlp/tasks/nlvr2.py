@@ -23,7 +23,7 @@ from vlp.data.collate import collate as collate_pretrain
 from vlp.data.img_db import ImgDb
 from vlp.model.config import UniterConfig
 from vlp.model.uniter import UniterModel
-from vlp.objectives.common import init_head_weights
+from vlp.objectives.common import encode, init_head_weights
 from vlp.tasks.common import (
     TaskDataset,
     TaskHead,
@@ -32,7 +32,6 @@ from vlp.tasks.common import (
     finish_records,
     read_task_rows,
     require,
-    run_encoder,
     validate_options,
 )
 
@@ -191,7 +190,7 @@ class NLVR2(TaskHead):
         if model.embeddings.token_type_embeddings.num_embeddings < NUM_TYPES:
             raise ValueError("NLVR2 needs an encoder with 3 token types (right image = 2): call "
                              "adapt_encoder(model) before finetuning")
-        sequence = run_encoder(model, batch)
+        sequence = encode(model, batch)
         if self.variant == "triplet":
             features = model.pool(sequence)
         elif self.variant == "pair":

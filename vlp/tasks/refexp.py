@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from vlp.data.img_db import ImgDb
 from vlp.model.config import UniterConfig
 from vlp.model.uniter import UniterModel
-from vlp.objectives.common import init_head_weights
+from vlp.objectives.common import encode, init_head_weights
 from vlp.tasks.common import (
     TaskDataError,
     TaskDataset,
@@ -47,7 +47,6 @@ from vlp.tasks.common import (
     finish_records,
     read_task_rows,
     require,
-    run_encoder,
     validate_options,
 )
 
@@ -223,7 +222,7 @@ class RefExp(TaskHead):
                              unmatched=unmatched, dropped_unmatched=drop)
 
     def forward(self, model: UniterModel, batch: dict[str, Any]) -> dict[str, Any]:
-        sequence = run_encoder(model, batch)
+        sequence = encode(model, batch)
         img_mask = batch["img_mask"]
         region_out = sequence[:, batch["input_ids"].shape[1]:]
         scores = self.scorer(region_out).squeeze(-1).float()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from vlp.data.img_db import ImgDb
 from vlp.model.config import UniterConfig
 from vlp.model.uniter import UniterModel
+from vlp.objectives.common import encode
 from vlp.tasks.common import (
     TaskDataError,
     TaskDataset,
@@ -21,7 +22,6 @@ from vlp.tasks.common import (
     finish_records,
     read_task_rows,
     require,
-    run_encoder,
     validate_options,
 )
 
@@ -70,7 +70,7 @@ class SNLIVE(TaskHead):
         return SNLIVEDataset(split, source, img_db, records, missing, num_images)
 
     def forward(self, model: UniterModel, batch: dict[str, Any]) -> dict[str, Any]:
-        logits = self.classifier(model.pool(run_encoder(model, batch))).float()
+        logits = self.classifier(model.pool(encode(model, batch))).float()
         targets = batch["targets"]
         predicted = logits.argmax(dim=1)
         return {

@@ -20,6 +20,7 @@ from vlp.data.img_db import ImgDb
 from vlp.eval.vqa import build_answer_vocab, soft_targets, vqa_accuracy
 from vlp.model.config import UniterConfig
 from vlp.model.uniter import UniterModel
+from vlp.objectives.common import encode
 from vlp.tasks.common import (
     TaskDataError,
     TaskDataset,
@@ -29,7 +30,6 @@ from vlp.tasks.common import (
     finish_records,
     read_task_rows,
     require,
-    run_encoder,
     validate_options,
 )
 
@@ -135,7 +135,7 @@ class VQA(TaskHead):
         return VQADataset(split, source, img_db, records, missing, num_images, ans2label=ans2label)
 
     def forward(self, model: UniterModel, batch: dict[str, Any]) -> dict[str, Any]:
-        logits = self.classifier(model.pool(run_encoder(model, batch))).float()
+        logits = self.classifier(model.pool(encode(model, batch))).float()
         answers = [self.label2ans[i] for i in logits.argmax(dim=1).tolist()]
         scores = [vqa_accuracy(a, human) for a, human in zip(answers, batch["answers"], strict=True)]
         return {
