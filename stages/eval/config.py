@@ -1,0 +1,87 @@
+"""Config of the evaluation stages (section ``eval``): splits per task, retrieval scoring modes, figures."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from stages.finetune.config import TASK_NAMES
+
+
+class CommonEvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # fp32: bf16 scores of close pairs tie (a tie never counts as a hit), and on CPU oneDNN caches one bf16
+    # primitive per new block shape, so memory climbs with the number of scored blocks.
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    threads: int = Field(1, ge=1)  # see finetune.common.threads
+    nbb: tuple[float, int, int] = (0.2, 100, 10)  # box-count sidecar of the feature store
+    batch_units: int = Field(4096, ge=1)  # padded input units per evaluation batch
+    # Evaluate without the examples whose images the feature store lacks (listed in the log).
+    skip_missing_images: bool = False
+
+
+class RetrievalEvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # full: the cross-encoder scores every image x text pair; shortlist: only each text's top-k images and
+    # each image's top-k texts by unimodal similarity, the rest ranked last.
+    modes: tuple[Literal["full", "shortlist"], ...] = ("full", "shortlist")
+    shortlist_k: int = Field(16, ge=1)
+    chunk: tuple[int, int] = (8, 64)  # images x texts per cross-encoder call of full scoring
+    rerank_chunk: int = Field(128, ge=1)  # images per call when reranking one text's shortlist
+    unimodal_chunk: int = Field(256, ge=1)  # texts / images per unimodal encoder call
+    # Scored blocks between hand-backs of free heap memory (vlp.tasks.retrieval.PairScorer; 0: never).
+    release_every: int = Field(8, ge=0)
+    zero_shot: bool = True  # also the pretrained model's ITM head, before any finetuning
+    recall_curve_k: int = Field(10, ge=1)  # recall@K for K = 1..this in the recall-curve figure
+    # ISDa on Flickr30k Entities phrase-box annotations of the images of these Entities splits.
+    isda_splits: tuple[str, ...] = ("test",)
+    isda_max_sentences: int | None = Field(None, ge=1)  # the first N usable sentences (None: all)
+    attention_pairs: int = Field(4, ge=0)  # test pairs drawn as text-to-image attention maps
+
+    @model_validator(mode="after")
+    def _some_mode(self) -> RetrievalEvalConfig:
+        if not self.modes or len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes must list full and/or shortlist once each, got {self.modes}")
+        return self
+
+
+def _default_splits() -> dict[str, list[str]]:
+    return {"retrieval": ["test"], "vqa": ["val2014"], "nlvr2": ["dev", "test1"], "snli_ve": ["dev", "test"],
+            "refcoco": ["val", "testA", "testB"]}
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    common: CommonEvalConfig = Field(default_factory=CommonEvalConfig)
+    # Splits each task is evaluated on (retrieval: "test", each finetune.retrieval.datasets entry's test db).
+    splits: dict[str, list[str]] = Field(default_factory=_default_splits)
+    retrieval: RetrievalEvalConfig = Field(default_factory=RetrievalEvalConfig)
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> EvalConfig:
+        unknown = sorted(set(self.splits) - set(TASK_NAMES))
+        if unknown:
+            raise ValueError(f"splits: unknown task(s) {unknown}; choose from {list(TASK_NAMES)}")
+        empty = sorted(t for t, s in self.splits.items() if not s)
+        if empty:
+            raise ValueError(f"splits: no split for task(s) {empty}")
+        # Every task keeps an entry, so each eval_<task> stage can key its cache on eval.splits.<task>.
+        self.splits = {**_default_splits(), **self.splits}
+        return self
+
+    def splits_of(self, task: str) -> list[str]:
+        return self.splits[task]
+
+
+def eval_upstream(task: str, detector_weights: str | None) -> tuple[str, ...]:
+    """Stages ``eval_<task>`` reads: its finetuned variants, the pretrained model (zero-shot retrieval,
+    tokenizer), the regions, and the task's data as in ``finetune_upstream``; retrieval also reads dedup
+    (Entities annotations and image sizes for ISDa); RefCOCO also the detector, to pool features at the
+    COCO ground-truth boxes (its stage's weights unless ``features.detector.weights`` names a file)."""
+    data = {"retrieval": ("txtdb", "dedup"), "refcoco": ("download",)}.get(task, ("dedup",))
+    detector = ("detector",) if task == "refcoco" and detector_weights is None else ()
+    return (f"finetune_{task}", "pretrain", "features", *data, *detector)

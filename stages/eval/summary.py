@@ -1,0 +1,108 @@
+"""The one summary table of the eval stage: every task's main metrics per model, JSON and Markdown.
+
+Input: ``{task: {variant: {section: {metric: value}}}}`` as the ``eval_<task>`` stages write it, where a
+variant is ``pretrained`` / ``scratch`` (retrieval: ``<dataset>/zero_shot``, ``<dataset>/pretrained``,
+``<dataset>/scratch``, ``<dataset>/pretrained_no_iais``) and a section is a split (retrieval:
+``<split>/<mode>`` and ``isda``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+MAIN_METRICS = {
+    "retrieval": ("meta_sum", "ir_r1", "tr_r1"),
+    "vqa": ("vqa_score",),
+    "nlvr2": ("nlvr2_acc",),
+    "snli_ve": ("snli_ve_acc",),
+    "refcoco": ("refcoco_acc", "refcoco_gt_acc"),
+}
+COLUMNS = ("zero_shot", "pretrained", "scratch", "pretrained_no_iais")
+HEADERS = {"zero_shot": "zero-shot", "pretrained": "pretrained", "scratch": "scratch",
+           "pretrained_no_iais": "pretrained, no IAIS"}
+ISDA = "isda"
+
+
+def _split_variant(name: str) -> tuple[str | None, str]:
+    dataset, _, kind = name.rpartition("/")
+    return dataset or None, kind
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def build_summary(metrics: dict[str, dict[str, dict[str, dict[str, float]]]]) -> dict[str, Any]:
+    rows, isda_rows, cost_rows = [], [], []
+    for task, variants in metrics.items():
+        by_dataset: dict[str | None, dict[str, dict[str, dict[str, float]]]] = {}
+        for name, sections in variants.items():
+            dataset, kind = _split_variant(name)
+            by_dataset.setdefault(dataset, {})[kind] = sections
+        for dataset, kinds in by_dataset.items():
+            label = f"{task} ({dataset})" if dataset else task
+            sections = sorted({s for k in kinds.values() for s in k if s != ISDA})
+            for section in sections:
+                for metric in MAIN_METRICS.get(task, ()):
+                    values = {kind: _finite(kinds[kind].get(section, {}).get(metric)) for kind in kinds}
+                    if all(v is None for v in values.values()):
+                        continue
+                    pre, scratch = values.get("pretrained"), values.get("scratch")
+                    rows.append({"task": label, "split": section, "metric": metric, "values": values,
+                                 "pretrained_beats_scratch": None if pre is None or scratch is None
+                                 else pre > scratch})
+                    if task == "retrieval" and metric == "meta_sum":
+                        for kind, sec in kinds.items():
+                            if section in sec:
+                                cost_rows.append({"dataset": dataset, "model": kind, "split": section,
+                                                  "seconds": sec[section].get("seconds"),
+                                                  "pairs_scored": sec[section].get("pairs_scored"),
+                                                  "ir_r1": sec[section].get("ir_r1"),
+                                                  "tr_r1": sec[section].get("tr_r1")})
+            isda = {kind: _finite(sec[ISDA].get("isda")) for kind, sec in kinds.items() if ISDA in sec}
+            if isda:
+                on, off = isda.get("pretrained"), isda.get("pretrained_no_iais")
+                pairs = next(sec[ISDA].get("isda_pairs") for sec in kinds.values() if ISDA in sec)
+                isda_rows.append({"task": label, "values": isda, "pairs": pairs,
+                                  "iais_lowers_isda": None if on is None or off is None else on < off})
+    return {"tasks": rows, "isda": isda_rows, "retrieval_cost": cost_rows}
+
+
+def _cell(value: float | None, scale: float = 100.0, spec: str = ".1f") -> str:
+    return "–" if value is None else format(value * scale, spec)
+
+
+def _mark(flag: bool | None) -> str:
+    return "–" if flag is None else ("yes" if flag else "no")
+
+
+def to_markdown(summary: dict[str, Any]) -> str:
+    lines = ["# Evaluation summary", "",
+             "Main metrics in % (Meta-Sum: the sum of IR and TR R@1/5/10 in %). Retrieval splits are "
+             "`<split>/<scoring mode>`.", ""]
+    used = [c for c in COLUMNS if any(c in r["values"] for r in summary["tasks"])]
+    header = " | ".join(HEADERS[c] for c in used)
+    lines += [f"| task | split | metric | {header} | pretrained > scratch |", "|" + "---|" * (4 + len(used))]
+    for row in summary["tasks"]:
+        cells = [_cell(row["values"].get(c)) for c in used]
+        lines.append(f"| {row['task']} | {row['split']} | {row['metric']} | " + " | ".join(cells)
+                     + f" | {_mark(row['pretrained_beats_scratch'])} |")
+    if summary["isda"]:
+        used = [c for c in COLUMNS if any(c in r["values"] for r in summary["isda"])]
+        lines += ["", "## ISDa (last-layer intra-modal attention vs Flickr30k Entities; lower is better)", "",
+                  "| task | pairs | " + " | ".join(HEADERS[c] for c in used) + " | IAIS lowers ISDa |",
+                  "|" + "---|" * (3 + len(used))]
+        for row in summary["isda"]:
+            cells = [_cell(row["values"].get(c), 1.0, ".4g") for c in used]
+            lines.append(f"| {row['task']} | {row['pairs']:.0f} | " + " | ".join(cells)
+                         + f" | {_mark(row['iais_lowers_isda'])} |")
+    if summary["retrieval_cost"]:
+        lines += ["", "## Retrieval scoring cost", "",
+                  "| dataset | model | split/mode | seconds | pairs scored | IR R@1 | TR R@1 |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in summary["retrieval_cost"]:
+            lines.append(f"| {row['dataset']} | {HEADERS.get(row['model'], row['model'])} | {row['split']} | "
+                         f"{row['seconds']:.2f} | {row['pairs_scored']:.0f} | {_cell(row['ir_r1'])} | "
+                         f"{_cell(row['tr_r1'])} |")
+    return "\n".join(lines) + "\n"

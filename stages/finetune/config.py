@@ -1,0 +1,177 @@
+"""Config of the finetuning stages (section ``finetune``): which tasks, from which initialisation, how long.
+
+Each task is its own cached stage ``finetune_<task>`` reading ``finetune.common`` and ``finetune.<task>``,
+so changing one task's settings reruns only that task; ``finetune.tasks`` picks which of them the
+``finetune`` stage (and ``eval``) runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vlp.objectives.iais import Anchor
+
+TASK_NAMES = ("retrieval", "vqa", "nlvr2", "snli_ve", "refcoco")
+TaskName = Literal["retrieval", "vqa", "nlvr2", "snli_ve", "refcoco"]
+Init = Literal["pretrained", "scratch"]
+
+
+class CommonConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # pretrained: start from the pretrain stage's encoder (and, for retrieval, its ITM head); scratch: the
+    # same architecture randomly initialised (the baseline that shows what pretraining buys); both: run each.
+    init: Literal["pretrained", "scratch", "both"] = "both"
+    # Drop the examples whose images the feature store lacks (listed in the log) instead of stopping.
+    skip_missing_images: bool = False
+    # Box-count sidecar of the feature store (conf_th, max_bb, min_bb): one of features.nbb.
+    nbb: tuple[float, int, int] = (0.2, 100, 10)
+    # auto: bf16 autocast where the CPU / GPU supports it (2x faster on the demo machine), else fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch intra-op threads on CPU. The finetune_<task> stages are independent, so the graph runs them side
+    # by side: one thread each keeps small-matrix OpenMP from thrashing (5x slower when oversubscribed).
+    threads: int = Field(1, ge=1)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)  # hidden/attention dropout; None keeps the encoder's
+    seed: int = 0
+    log_every: int = Field(10, ge=1)  # optimizer steps between training-metric logs
+
+    @property
+    def inits(self) -> tuple[Init, ...]:
+        return ("pretrained", "scratch") if self.init == "both" else (self.init,)
+
+
+class TrainConfig(BaseModel):
+    """Optimisation of one task (AdamW, linear warmup then linear decay to 0, dynamic batches)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # cap on optimizer steps (None: epochs decide)
+    lr: float = Field(1e-4, gt=0)
+    head_lr_mult: float = Field(5.0, gt=0)  # the new head learns faster than the encoder (UNITER: 10 for VQA)
+    warmup: float = Field(0.1, ge=0, lt=1)  # fraction of the steps
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(2.0, ge=0)  # 0 disables clipping
+    batch_units: int = Field(2048, ge=1)  # padded input units (examples x (longest text + most regions))
+    val_every: int = Field(0, ge=0)  # optimizer steps between validations; 0: at each epoch's end
+    # Task options (vlp.tasks.<task> Options: max_txt_len, min_count, variant, iou_threshold, ...).
+    options: dict[str, Any] = Field(default_factory=dict)
+    train_split: str
+    val_split: str  # validation curves during finetuning (the eval stage's splits are eval.splits)
+
+    @model_validator(mode="after")
+    def _no_skip_option(self) -> TrainConfig:
+        if "skip_missing" in self.options:
+            raise ValueError("options.skip_missing: set finetune.common.skip_missing_images instead")
+        return self
+
+
+class RetrievalData(BaseModel):
+    """Text dbs (txtdb stage names, without .db) of one retrieval dataset's Karpathy splits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: list[str]
+    val: str
+    test: str
+
+
+class IAISSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    variant: Literal["singular", "distributed"] = "singular"
+    anchors: tuple[Anchor, ...] = ("text", "image")
+    schedule: Literal["exp", "linear", "log", "constant"] = "exp"
+    gamma: float = Field(5.0, gt=0)  # exp / log schedule steepness (the paper: 5 and 10)
+    weight: float = Field(1.0, ge=0)  # multiplies the annealed lambda_t
+    # Also finetune the pretrained model without IAIS, so eval can show what IAIS does to ISDa.
+    compare: bool = True
+
+    def loss_config(self) -> dict[str, Any] | None:
+        if not self.enabled:
+            return None
+        return {"variant": self.variant, "anchors": list(self.anchors), "schedule": self.schedule,
+                "gamma": self.gamma}
+
+
+class RetrievalConfig(TrainConfig):
+    # A positive costs about 2 x neg_samples candidate passes (no gradient) and 1 + 2 x hard_negatives
+    # training passes: one epoch of the demo's 1,200 captions is ~2 minutes on one CPU thread.
+    epochs: float = 1.0
+    batch_units: int = 512  # positives only
+    train_split: str = "train"
+    val_split: str = "val"
+    datasets: dict[str, RetrievalData] = Field(default_factory=lambda: {
+        "flickr30k": RetrievalData(train=["flickr30k_train"], val="flickr30k_val", test="flickr30k_test")})
+    max_txt_len: int = Field(60, ge=1)
+    margin: float = Field(0.2, ge=0)
+    neg_samples: int = Field(4, ge=1)  # random candidates per positive, per side
+    hard_negatives: int = Field(1, ge=1)  # hardest candidates kept per positive, per side
+    val_chunk: tuple[int, int] = (8, 64)  # images x texts scored per forward pass in validation
+    iais: IAISSettings = Field(default_factory=IAISSettings)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> RetrievalConfig:
+        if self.hard_negatives > self.neg_samples:
+            raise ValueError(f"hard_negatives ({self.hard_negatives}) must not exceed neg_samples "
+                             f"({self.neg_samples})")
+        if not self.datasets:
+            raise ValueError("datasets is empty")
+        return self
+
+
+# The demo's VQA has no test-dev: val2014 serves as validation here and as the eval split.
+class VqaConfig(TrainConfig):
+    train_split: str = "train2014"
+    val_split: str = "val2014"
+
+
+# Small training sets (demo: 140 NLVR2 statements, ~280 RefCOCO expressions) get more epochs.
+class Nlvr2Config(TrainConfig):
+    epochs: float = 6.0
+    train_split: str = "train"
+    val_split: str = "dev"
+
+
+class SnliVeConfig(TrainConfig):
+    epochs: float = 2.0
+    train_split: str = "train"
+    val_split: str = "dev"
+
+
+class RefcocoConfig(TrainConfig):
+    epochs: float = 6.0
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[TaskName] = list(TASK_NAMES)
+    common: CommonConfig = Field(default_factory=CommonConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    vqa: VqaConfig = Field(default_factory=VqaConfig)
+    nlvr2: Nlvr2Config = Field(default_factory=Nlvr2Config)
+    snli_ve: SnliVeConfig = Field(default_factory=SnliVeConfig)
+    refcoco: RefcocoConfig = Field(default_factory=RefcocoConfig)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> FinetuneConfig:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks lists a task twice: {self.tasks}")
+        return self
+
+    def task(self, name: str) -> TrainConfig:
+        return getattr(self, name)
+
+
+def finetune_upstream(task: str) -> tuple[str, ...]:
+    """Stages ``finetune_<task>`` reads: the encoder and its tokenizer (pretrain), the regions (features) and
+    the task's data: retrieval texts (txtdb), VQA / NLVR2 / SNLI-VE tables (dedup), RefCOCO's table and
+    image sizes (download: dedup drops the RefCOCO eval images' rows from the image shards)."""
+    data = {"retrieval": "txtdb", "refcoco": "download"}.get(task, "dedup")
+    return ("pretrain", "features", data)

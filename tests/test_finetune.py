@@ -1,0 +1,391 @@
+"""The finetune and eval stages on a small generated setup: every stage input written in its real format (a
+region store via ImgDbWriter, text dbs via TxtDbWriter, task tables, Entities and image shards with the
+vlp.data.tables schemas, a pretrain output with an ITM head, a random detector's weight file), every task
+finetuned for a few steps from both initialisations, then evaluated into metrics, a summary and figures."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from stages.base import StageContext, StageError
+from stages.eval import stage as eval_stage
+from stages.eval.config import EvalConfig, eval_upstream
+from stages.feature_extraction.config import FeatureConfig
+from stages.feature_extraction.detector.config import DetectorConfig
+from stages.feature_extraction.detector.model import RegionDetector
+from stages.feature_extraction.detector.torchvision_backend import save_checkpoint
+from stages.finetune import stage as finetune_stage
+from stages.finetune.config import TASK_NAMES, FinetuneConfig, finetune_upstream
+from vlp.data import tables
+from vlp.data.img_db import ImgDb, ImgDbWriter
+from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wordpiece
+from vlp.data.txt_db import TxtDbWriter
+from vlp.model import UniterConfig, UniterModel
+
+SHAPES = ["circle", "square", "star", "heart"]
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30), "yellow": (230, 220, 30)}
+DIM = 32  # region feature size: the detector's feature_dim, so its pooled ground-truth regions fit too
+NBB = (0.2, 100, 2)
+WIDTH, HEIGHT = 96, 72
+DETECTOR = {"feature_dim": DIM, "image_size": 64, "max_image_size": 128, "anchor_sizes": (16, 32),
+            "precision": "fp32"}
+
+
+def scene(rng: np.random.Generator) -> list[tuple[str, str, tuple[float, float, float, float]]]:
+    """Two or three (shape, colour, x1y1x2y2 pixel box) objects in distinct cells of a 3 x 2 grid."""
+    cells = rng.permutation(6)[: int(rng.integers(2, 4))]
+    objects = []
+    for cell in cells.tolist():
+        x0, y0 = (cell % 3) * 32, (cell // 3) * 36
+        size = int(rng.integers(18, 28))
+        box = (x0 + 2.0, y0 + 2.0, x0 + 2.0 + size, y0 + 2.0 + size)
+        objects.append((SHAPES[int(rng.integers(len(SHAPES)))], list(COLOURS)[int(rng.integers(4))], box))
+    return objects
+
+
+def png(objects) -> bytes:
+    image = Image.new("RGB", (WIDTH, HEIGHT), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    for _, colour, box in objects:
+        draw.rectangle(box, fill=COLOURS[colour])
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def caption(objects, order) -> str:
+    return " and ".join(f"a {objects[o][1]} {objects[o][0]}" for o in order)
+
+
+def write_table(path: Path, rows: list[dict], schema: pa.Schema) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def image_rows(corpus: str, scenes: dict, with_bytes: bool) -> list[dict]:
+    return [{"corpus": corpus, "key": key, "url": f"http://example.com/{key}", "split": "x", "status": "ok",
+             "width": WIDTH, "height": HEIGHT, "image": png(objects) if with_bytes else None}
+            for key, objects in scenes.items()]
+
+
+def build_world(root: Path) -> dict[str, Path]:
+    """Every input of the finetune / eval stages; returns the stage-input dirs by stage name."""
+    rng = np.random.default_rng(0)
+    prototypes = {(s, c): rng.normal(size=DIM).astype(np.float32) for s in SHAPES for c in COLOURS}
+    flickr = {f"flickr30k:{1000 + i}": scene(rng) for i in range(20)}
+    vqa_images = {f"coco:{i}": scene(rng) for i in range(1, 13)}
+    ref_images = {f"coco:{100 + i}": scene(rng) for i in range(8)}
+    nlvr2 = {f"nlvr2:{split}-{i}-0-img{side}": scene(rng)
+             for split, n in (("train", 8), ("dev", 3), ("test1", 3)) for i in range(n) for side in (0, 1)}
+    all_scenes = flickr | vqa_images | ref_images | nlvr2
+
+    with ImgDbWriter(root / "features" / "img_db", nbb_configs=[NBB]) as writer:
+        for key, objects in all_scenes.items():
+            n = len(objects) + 1  # plus a clutter region over the whole image
+            feats = rng.normal(scale=0.3, size=(n, DIM)).astype(np.float32)
+            boxes = np.zeros((n, 6))
+            for j, (shape, colour, box) in enumerate(objects):
+                feats[j] += prototypes[shape, colour]
+                x1, y1, x2, y2 = box
+                boxes[j] = np.array([x1, y1, x2, y2, x2 - x1, y2 - y1]) / np.tile([WIDTH, HEIGHT], 3)
+            boxes[-1] = [0, 0, 1, 1, 1, 1]
+            labels = np.full((n, len(SHAPES) + 1), 1.0 / (len(SHAPES) + 1), np.float32)
+            writer.put(key, features=feats, norm_bb=boxes, conf=np.linspace(0.9, 0.3, n), soft_labels=labels)
+
+    texts: list[str] = []
+    captions = {key: [caption(obj, range(len(obj))), caption(obj, range(len(obj))[::-1])]
+                for key, obj in flickr.items()}
+    texts += [c for caps in captions.values() for c in caps]
+    keys = list(flickr)
+    flickr_split = {k: "train" if i < 12 else "val" if i < 16 else "test" for i, k in enumerate(keys)}
+
+    vqa_rows = []
+    for i, (key, objects) in enumerate(vqa_images.items()):
+        for q, (shape, colour) in enumerate([(objects[0][0], objects[0][1]), (SHAPES[i % 4], "green")]):
+            present = any(o[0] == shape and o[1] == colour for o in objects)
+            answer = "yes" if present else "no"
+            vqa_rows.append({"question_id": 100 * i + q, "image_key": key,
+                             "split": "train2014" if i < 8 else "val2014",
+                             "question": f"is there a {colour} {shape}?", "answers": [answer] * 9 + ["maybe"],
+                             "multiple_choice_answer": answer, "answer_type": "yes/no"})
+    nlvr2_rows = []
+    for split, n in (("train", 8), ("dev", 3), ("test1", 3)):
+        for i in range(n):
+            left = nlvr2[f"nlvr2:{split}-{i}-0-img0"]
+            shape, colour = left[0][0], left[0][1]
+            nlvr2_rows.append({"identifier": f"{split}-{i}-0-0", "split": split,
+                               "sentence": f"the left image contains a {colour} {shape}.",
+                               "left_key": f"nlvr2:{split}-{i}-0-img0",
+                               "right_key": f"nlvr2:{split}-{i}-0-img1", "label": bool(i % 2 == 0)})
+            if i % 2:  # false statements name the right image's object as if it were on the left
+                right = nlvr2[f"nlvr2:{split}-{i}-0-img1"]
+                nlvr2_rows[-1]["sentence"] = f"the left image contains a {right[0][1]} {right[0][0]} only."
+    snli_rows = []
+    split_of = {"train": "train", "val": "dev", "test": "test"}
+    for key, objects in flickr.items():
+        shape, colour = objects[0][0], objects[0][1]
+        for h, (hypothesis, label) in enumerate([(f"there is a {colour} {shape}.", "entailment"),
+                                                 (f"someone drew a {colour} {shape}.", "neutral"),
+                                                 ("the picture is empty.", "contradiction")]):
+            snli_rows.append({"pair_id": f"{key.split(':')[1]}.jpg#0r{h}", "image_key": key,
+                              "split": split_of[flickr_split[key]], "hypothesis": hypothesis, "label": label,
+                              "premise": captions[key][0]})
+    ref_rows, object_rows = [], []
+    ref_split = ["train"] * 5 + ["val", "testA", "testB"]
+    for i, (key, objects) in enumerate(ref_images.items()):
+        for j, (shape, colour, (x1, y1, x2, y2)) in enumerate(objects):
+            object_rows.append({"corpus": "coco", "image_key": key, "object_id": 1000 * i + j,
+                                "names": [shape], "attributes": [], "x": x1, "y": y1, "w": x2 - x1,
+                                "h": y2 - y1})
+            ref_rows.append({"ref_id": 10 * i + j, "ann_id": 1000 * i + j, "image_key": key,
+                             "split": ref_split[i], "sentences": [f"{colour} {shape}", f"the {shape}"],
+                             "bbox": [x1, y1, x2 - x1, y2 - y1], "category_id": SHAPES.index(shape),
+                             "file_name": f"COCO_train2014_{i:012d}.jpg"})
+    entity_rows = []
+    for key, objects in flickr.items():
+        for s, cap in enumerate(captions[key]):
+            order = range(len(objects)) if s == 0 else range(len(objects))[::-1]
+            for position, o in enumerate(order):
+                shape, colour, box = objects[o]
+                entity_rows.append({"image_key": key, "sentence_idx": s, "sentence": cap,
+                                    "phrase": f"a {colour} {shape}", "phrase_id": str(o),
+                                    "phrase_types": ["other"], "first_word_index": 4 * position,
+                                    "boxes": [list(box)]})
+    split_rows = [{"corpus": "flickr30k", "scheme": "entities", "split": s, "image_key": k}
+                  for k, s in flickr_split.items()]
+    texts += [r["question"] for r in vqa_rows] + [r["sentence"] for r in nlvr2_rows]
+    texts += [r["hypothesis"] for r in snli_rows] + [s for r in ref_rows for s in r["sentences"]]
+
+    tok = train_wordpiece(texts, 300)
+    txtdb = root / "txtdb"
+    save_tokenizer(tok, txtdb / "tokenizer")
+    for split in ("train", "val", "test"):
+        with TxtDbWriter(txtdb / f"flickr30k_{split}.db", tokenizer_meta(tok, "toy")) as writer:
+            for key in keys:
+                if flickr_split[key] == split:
+                    for v, ids in enumerate(encode(tok, captions[key])):
+                        writer.add(f"flickr30k:{key}:{v}", {"input_ids": ids, "img_fname": key})
+
+    dedup, download = root / "dedup", root / "download"
+    write_table(dedup / "tables" / "task_vqa.parquet", vqa_rows, tables.TASK_VQA)
+    write_table(dedup / "tables" / "task_nlvr2.parquet", nlvr2_rows, tables.TASK_NLVR2)
+    write_table(dedup / "tables" / "task_snli_ve.parquet", snli_rows, tables.TASK_SNLI_VE)
+    write_table(dedup / "tables" / "entities.parquet", entity_rows, tables.ENTITIES)
+    write_table(dedup / "tables" / "splits.parquet", split_rows, tables.SPLITS)
+    flickr_shard = dedup / "images" / "flickr30k" / "shard-00000.parquet"
+    write_table(flickr_shard, image_rows("flickr30k", flickr, False), tables.IMAGES)
+    write_table(download / "tables" / "task_refcoco.parquet", ref_rows, tables.TASK_REFCOCO)
+    write_table(download / "tables" / "objects.parquet", object_rows, tables.OBJECTS)
+    write_table(download / "images" / "coco" / "shard-00000.parquet", image_rows("coco", ref_images, True),
+                tables.IMAGES)
+
+    pretrain = root / "pretrain"
+    torch.manual_seed(0)
+    config = UniterConfig(vocab_size=len(tok.get_vocab()), hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, img_dim=DIM)
+    UniterModel(config).save_pretrained(pretrain / "model")
+    torch.save({"itm.head.weight": torch.randn(2, 32) * 0.02, "itm.head.bias": torch.zeros(2)},
+               pretrain / "model" / "heads.pt")
+    shutil.copytree(txtdb / "tokenizer", pretrain / "tokenizer")
+
+    detector_cfg = DetectorConfig(**DETECTOR)
+    torch.manual_seed(0)
+    save_checkpoint(root / "detector.pt", detector_cfg, RegionDetector(detector_cfg, len(SHAPES), 2), SHAPES,
+                    ["plain", "striped"])
+    return {"dedup": dedup, "download": download, "txtdb": txtdb, "features": root / "features",
+            "pretrain": pretrain}
+
+
+def configs(root: Path, **common) -> SimpleNamespace:
+    train = {"max_steps": 3, "batch_units": 400, "lr": 1e-3}
+    finetune = FinetuneConfig(
+        common={"nbb": NBB, "precision": "fp32", "log_every": 1, "threads": 1, **common},
+        retrieval={**train, "neg_samples": 3, "hard_negatives": 2, "batch_units": 120},
+        vqa={**train, "options": {"min_count": 1}, "train_split": "train2014", "val_split": "val2014"},
+        nlvr2={**train, "options": {"variant": "pair"}, "train_split": "train", "val_split": "dev"},
+        snli_ve={**train, "train_split": "train", "val_split": "dev"},
+        refcoco={**train, "train_split": "train", "val_split": "val"},
+    )
+    evaluation = EvalConfig(common={"nbb": NBB, "precision": "fp32", "threads": 1},
+                            retrieval={"shortlist_k": 2, "chunk": (3, 5), "attention_pairs": 2})
+    features = FeatureConfig(detector={**DETECTOR, "weights": str(root / "detector.pt")})
+    return SimpleNamespace(finetune=finetune, eval=evaluation, features=features)
+
+
+def context(cfg, root: Path, stage: str, inputs: dict[str, Path]) -> StageContext:
+    return StageContext(cfg=cfg, workdir=root, out_dir=root / "out" / stage, inputs=inputs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    # The stages set torch's thread count from their config (1 here: tiny matrices on a busy machine).
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    return root, build_world(root)
+
+
+@pytest.fixture(scope="module")
+def finetuned(world):
+    """Every finetune_<task> stage, then the finetune aggregate."""
+    root, inputs = world
+    cfg = configs(root)
+    results = {}
+    for task in TASK_NAMES:
+        needed = {name: inputs[name] for name in finetune_upstream(task)}
+        results[task] = getattr(finetune_stage, f"run_{task}")(context(cfg, root, f"finetune_{task}", needed))
+    outputs = {f"finetune_{task}": root / "out" / f"finetune_{task}" for task in TASK_NAMES}
+    aggregate = finetune_stage.run(context(cfg, root, "finetune", outputs))
+    return root, inputs, cfg, results, aggregate
+
+
+def test_finetune_stages_write_a_checkpoint_per_task_and_initialisation(finetuned):
+    root, _, _, results, aggregate = finetuned
+    for task in TASK_NAMES:
+        out = root / "out" / f"finetune_{task}"
+        variants = json.loads((out / "variants.json").read_text())
+        expected = (["flickr30k/pretrained", "flickr30k/scratch", "flickr30k/pretrained_no_iais"]
+                    if task == "retrieval" else ["pretrained", "scratch"])
+        assert [v["name"] for v in variants] == expected
+        for v in variants:
+            directory = out / v["name"]
+            assert v["steps"] == 3
+            model = UniterModel.from_pretrained(directory / "encoder")
+            assert model.config.img_dim == DIM
+            head = torch.load(directory / "head.pt", weights_only=True)
+            assert head, f"{task} {v['name']}: empty head state"
+            record = json.loads((directory / "task.json").read_text())
+            assert record["task"] == task and record["init"] == v["init"]
+            assert v["metric"] in record["val"]
+            curves = json.loads((directory / "curves.json").read_text())
+            assert [c["step"] for c in curves if c["split"] == "train"] == [1, 2, 3]
+            assert [c["step"] for c in curves if c["split"] == "val"][0] == 0
+            assert results[task].metrics[f"{v['name']}.val.{v['metric']}"] == record["val"][v["metric"]]
+    vqa = json.loads((root / "out" / "finetune_vqa" / "pretrained" / "task.json").read_text())
+    assert sorted(vqa["state_extra"]["ans2label"]) == ["no", "yes"]
+    nlvr2 = UniterModel.from_pretrained(root / "out" / "finetune_nlvr2" / "scratch" / "encoder")
+    assert nlvr2.config.type_vocab_size == 3
+    retrieval = json.loads((root / "out" / "finetune_retrieval" / "variants.json").read_text())
+    assert [v["iais"] for v in retrieval] == [True, True, False]
+    index = json.loads((root / "out" / "finetune" / "finetune.json").read_text())
+    assert sorted(index) == sorted(TASK_NAMES)
+    assert aggregate.artifacts == ["finetune.json"]
+
+
+def test_rank_head_starts_from_the_itm_head_and_scratch_does_not(finetuned):
+    root, inputs, _, _, _ = finetuned
+    itm = torch.load(inputs["pretrain"] / "model" / "heads.pt", weights_only=True)
+    out = root / "out" / "finetune_retrieval" / "flickr30k"
+    # After 3 steps at lr 1e-3 x 5 the rank head moved, but stays far closer to the ITM row than scratch's.
+    pre = torch.load(out / "pretrained" / "head.pt", weights_only=True)["rank.weight"]
+    scratch = torch.load(out / "scratch" / "head.pt", weights_only=True)["rank.weight"]
+    target = itm["itm.head.weight"][1:]
+    assert (pre - target).norm() < 0.5 * (scratch - target).norm()
+
+
+@pytest.fixture(scope="module")
+def evaluated(finetuned):
+    root, inputs, cfg, _, _ = finetuned
+    results = {}
+    for task in TASK_NAMES:
+        needed = {}
+        for name in eval_upstream(task, cfg.features.detector.weights):
+            needed[name] = root / "out" / name if name.startswith("finetune_") else inputs[name]
+        results[task] = getattr(eval_stage, f"run_{task}")(context(cfg, root, f"eval_{task}", needed))
+    outputs = {f"eval_{task}": root / "out" / f"eval_{task}" for task in TASK_NAMES}
+    aggregate = eval_stage.run(context(cfg, root, "eval", outputs))
+    return root, results, aggregate
+
+
+def test_eval_writes_metrics_summary_and_figures(evaluated):
+    root, results, aggregate = evaluated
+    out = root / "out" / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(metrics) == sorted(TASK_NAMES)
+    assert sorted(metrics["nlvr2"]["pretrained"]) == ["dev", "test1"]
+    assert set(metrics["refcoco"]["scratch"]["testA"]) >= {"refcoco_acc", "refcoco_gt_acc"}
+    assert 0.0 <= metrics["vqa"]["pretrained"]["val2014"]["vqa_score"] <= 1.0
+    retrieval = metrics["retrieval"]
+    assert sorted(retrieval) == ["flickr30k/pretrained", "flickr30k/pretrained_no_iais", "flickr30k/scratch",
+                                 "flickr30k/zero_shot"]
+    for sections in retrieval.values():
+        assert sorted(sections) == ["isda", "test/full", "test/shortlist"]
+        full, short = sections["test/full"], sections["test/shortlist"]
+        assert full["pairs_scored"] == 4 * 8  # 4 test images x 8 captions
+        assert short["pairs_scored"] < full["pairs_scored"]
+        assert sections["isda"]["isda_pairs"] == 8 and sections["isda"]["isda"] >= 0
+    summary = json.loads((out / "summary.json").read_text())
+    tasks = {(r["task"], r["split"], r["metric"]) for r in summary["tasks"]}
+    assert {("vqa", "val2014", "vqa_score"), ("nlvr2", "test1", "nlvr2_acc"),
+            ("snli_ve", "test", "snli_ve_acc"), ("refcoco", "testB", "refcoco_gt_acc"),
+            ("retrieval (flickr30k)", "test/shortlist", "meta_sum")} <= tasks
+    assert summary["isda"][0]["values"].keys() == {"zero_shot", "pretrained", "scratch", "pretrained_no_iais"}
+    markdown = (out / "summary.md").read_text()
+    assert "| vqa | val2014 | vqa_score |" in markdown and "IAIS lowers ISDa" in markdown
+    pngs = sorted(p for p in aggregate.artifacts if p.endswith(".png"))
+    assert pngs == ["figures/attention_flickr30k_test.png", "figures/recall_flickr30k_test.png"]
+    for artifact in aggregate.artifacts:
+        assert (out / artifact).is_file()
+    assert Image.open(out / pngs[-1]).format == "PNG"
+    vqa = metrics["vqa"]["pretrained"]["val2014"]["vqa_score"]
+    assert aggregate.metrics["vqa/pretrained/val2014/vqa_score"] == vqa
+    predictions = json.loads((root / "out" / "eval_vqa" / "pretrained" / "val2014_predictions.json")
+                             .read_text())
+    assert len(predictions) == 8 and {"question_id", "answer", "score"} <= predictions[0].keys()
+    gt = ImgDb(root / "out" / "eval_refcoco" / "gt_img_db", *NBB)
+    assert len(gt) == 3 and all(gt.get(k).features.shape[1] == DIM for k in gt.keys())
+    gt.close()
+
+
+def test_missing_images_stop_with_one_line_or_are_skipped(world, tmp_path, caplog):
+    root, inputs = world
+    task_dir = tmp_path / "dedup" / "tables"
+    shutil.copytree(inputs["dedup"] / "tables", task_dir)
+    rows = pq.read_table(task_dir / "task_vqa.parquet").to_pylist()
+    rows[-1]["image_key"] = rows[-2]["image_key"] = "coco:777"
+    rows[-3]["image_key"] = "coco:778"
+    write_table(task_dir / "task_vqa.parquet", rows, tables.TASK_VQA)
+    needed = {"dedup": tmp_path / "dedup", "features": inputs["features"], "pretrain": inputs["pretrain"]}
+    cfg = configs(root)
+    with pytest.raises(StageError) as err:
+        finetune_stage.run_vqa(context(cfg, tmp_path, "finetune_vqa", needed))
+    store = inputs["features"] / "img_db"
+    assert str(err.value) == (f"task vqa split val2014: 2 of 5 images missing from the feature store "
+                              f"{store}: coco:777, coco:778 (set finetune.common.skip_missing_images to skip "
+                              "their examples)")
+    cfg = configs(root, skip_missing_images=True, init="scratch")
+    result = finetune_stage.run_vqa(context(cfg, tmp_path, "finetune_vqa_skip", needed))
+    assert "scratch.val.vqa_score" in result.metrics
+    assert "task vqa split val2014: 2 of 5 images missing" in caplog.text
+
+
+def test_answer_vocabulary_mismatch_fails_clearly(finetuned, tmp_path):
+    root, inputs, cfg, _, _ = finetuned
+    task_dir = tmp_path / "dedup" / "tables"
+    shutil.copytree(inputs["dedup"] / "tables", task_dir)
+    rows = pq.read_table(task_dir / "task_vqa.parquet").to_pylist()
+    for row in rows:
+        if row["split"] == "train2014":
+            row["multiple_choice_answer"] = "maybe"
+    write_table(task_dir / "task_vqa.parquet", rows, tables.TASK_VQA)
+    needed = {"finetune_vqa": root / "out" / "finetune_vqa", "pretrain": inputs["pretrain"],
+              "features": inputs["features"], "dedup": tmp_path / "dedup"}
+    with pytest.raises(StageError) as err:
+        eval_stage.run_vqa(context(cfg, tmp_path, "eval_vqa", needed))
+    assert str(err.value) == (f"{root / 'out' / 'finetune_vqa' / 'pretrained'}: answer vocabulary mismatch: "
+                              "checkpoint has 2 answers, data has 1 (first difference at label 0: checkpoint "
+                              "'yes', data 'maybe')")

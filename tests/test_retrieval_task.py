@@ -1,0 +1,223 @@
+"""Retrieval finetuning and evaluation pieces (vlp/tasks/retrieval.py) on hand cases and a tiny real store."""
+
+import numpy as np
+import pytest
+import torch
+
+from vlp.data.img_db import ImgDb, ImgDbWriter
+from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wordpiece
+from vlp.data.txt_db import TxtDb, TxtDbWriter
+from vlp.eval.retrieval import recall_at_k, score_all_pairs, shortlist_rerank
+from vlp.model import UniterConfig, UniterModel
+from vlp.objectives.itm import ITM
+from vlp.tasks.retrieval import (
+    EntityPhrase,
+    EntitySentence,
+    PairScorer,
+    Retrieval,
+    RetrievalDataError,
+    RetrievalDataset,
+    entity_inputs,
+    hardest,
+    hinge,
+    pair_batch,
+    sentence_isda,
+    unimodal_similarity,
+)
+
+DIM = 16
+NBB = (0.2, 100, 2)
+WORDS = ["red", "blue", "green", "circle", "square", "star"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: one thread avoids OpenMP hand-offs that cost more than the maths on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """8 images (2-4 regions), 2 captions each, one caption of a ninth image that has no regions."""
+    root = tmp_path_factory.mktemp("retrieval")
+    rng = np.random.default_rng(0)
+    with ImgDbWriter(root / "img_db", nbb_configs=[NBB]) as writer:
+        for i in range(8):
+            n = 2 + i % 3
+            xy = rng.uniform(0, 0.5, (n, 2))
+            wh = rng.uniform(0.1, 0.4, (n, 2))
+            writer.put(f"img:{i}", features=rng.normal(size=(n, DIM)),
+                       norm_bb=np.concatenate([xy, xy + wh, wh], 1), conf=np.linspace(0.9, 0.5, n),
+                       soft_labels=np.full((n, 3), 1 / 3))
+    captions = {f"img:{i}": [f"a {WORDS[i % 3]} {WORDS[3 + i % 3]}",
+                             f"{WORDS[(i + 1) % 3]} and {WORDS[3 + i // 3]}"] for i in range(9)}
+    tok = train_wordpiece([c for caps in captions.values() for c in caps], 100)
+    save_tokenizer(tok, root / "tokenizer")
+    with TxtDbWriter(root / "toy.db", tokenizer_meta(tok, "toy")) as writer:
+        for key, caps in captions.items():
+            for v, ids in enumerate(encode(tok, caps[: 1 if key == "img:8" else 2])):
+                writer.add(f"{key}:{v}", {"input_ids": ids, "img_fname": key})
+    img_db = ImgDb(root / "img_db", *NBB)
+    yield TxtDb(root / "toy.db"), img_db, tok
+    img_db.close()
+
+
+def tiny_model(vocab_size: int, seed: int = 0) -> UniterModel:
+    torch.manual_seed(seed)
+    return UniterModel(UniterConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, img_dim=DIM,
+                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def test_hardest_and_hinge_on_a_hand_case():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.1]])
+    assert hardest(scores, 2).tolist() == [[1, 3], [2, 0]]
+    positive = torch.tensor([0.8, 0.6])
+    negative = torch.tensor([[0.9, 0.7], [0.8, 0.3]])
+    # max(0, 0.2 + n - p): 0.3, 0.1 | 0.4, 0 -> mean 0.2
+    assert hinge(positive, negative, 0.2).item() == pytest.approx(0.2)
+    with pytest.raises(ValueError, match=r"k=5 must be in \[1, 4\]"):
+        hardest(scores, 5)
+
+
+def test_training_loss_uses_the_hardest_sampled_negatives_of_both_sides(store):
+    txt_db, img_db, tok = store
+    data = RetrievalDataset([txt_db], img_db, neg_samples=4, seed=1)
+    model = tiny_model(len(tok.get_vocab()))
+    task = Retrieval(model.config, margin=0.2, hard_negatives=2)
+    batch = data.collate([data[i] for i in range(3)])
+    out = task(model, batch)
+
+    # Expected: every candidate scored on its own, the 2 hardest per side kept, the sigmoid hinge averaged.
+    def score(text_rows, texts, image_rows, images):
+        pairs = pair_batch(texts, images, torch.tensor(text_rows), torch.tensor(image_rows))
+        with torch.no_grad():
+            return task.score(model, pairs)[0]
+
+    negs = {k[4:]: v for k, v in batch.items() if k.startswith("neg_") and k != "neg_samples"}
+    positive = score([0, 1, 2], batch, [0, 1, 2], batch).sigmoid()
+    img_side = score([b for b in range(3) for _ in range(4)], batch, list(range(12)), negs).view(3, 4)
+    txt_side = score(list(range(12)), negs, [b for b in range(3) for _ in range(4)], batch).view(3, 4)
+    neg_img = img_side.sigmoid().topk(2, dim=1).values
+    neg_txt = txt_side.sigmoid().topk(2, dim=1).values
+    expected = (0.2 + neg_img - positive[:, None]).clamp_min(0).mean() + (
+        0.2 + neg_txt - positive[:, None]).clamp_min(0).mean()
+    assert out["retrieval_loss"].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert out["retrieval_count"].item() == 3
+    # Candidates never include the positive's own image, nor texts of it.
+    for i in range(3):
+        example = data[i]
+        own = data.pairs.img_keys[i]
+        assert own not in example["neg_images"] and len(set(example["neg_images"])) == 4
+        assert all(data.pairs.img_keys[j] != own for j in example["neg_texts"])
+
+
+def test_rank_head_from_the_itm_head_gives_the_itm_matched_logit(store):
+    txt_db, img_db, tok = store
+    data = RetrievalDataset([txt_db], img_db)
+    model = tiny_model(len(tok.get_vocab()))
+    itm = ITM(model, wra=False)
+    torch.nn.init.normal_(itm.head.weight)
+    torch.nn.init.normal_(itm.head.bias)
+    task = Retrieval(model.config)
+    task.init_from_itm({f"itm.{k}": v for k, v in itm.state_dict().items()})
+    batch = data.collate([data[i] for i in range(5)])
+    inputs = ("input_ids", "position_ids", "txt_mask", "img_feat", "img_pos_feat", "img_mask")
+    with torch.no_grad():
+        scores, _ = task.score(model, batch)
+        logits = itm.head(model.pool(model(**{k: batch[k] for k in inputs}).sequence_output))
+    torch.testing.assert_close(scores, logits[:, 1])
+    with pytest.raises(ValueError, match=r"heads\.pt: no ITM head"):
+        task.init_from_itm({"mlm.bias": torch.zeros(3)})
+
+
+def _gradients(model, task, batch, step=5, total=10):
+    model.zero_grad()
+    task.zero_grad()
+    out = task(model, batch)
+    weights = task.loss_weights(step, total)
+    sum(weights[k] * v for k, v in out.items() if k.endswith("_loss")).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, out
+
+
+def test_iais_changes_the_gradient_only_when_enabled(store):
+    txt_db, img_db, tok = store
+    data = RetrievalDataset([txt_db], img_db, neg_samples=3, seed=2)
+    examples = [data[i] for i in range(4)]
+    batch = data.collate(examples)
+    model = tiny_model(len(tok.get_vocab()))
+    plain_task = Retrieval(model.config)
+    torch.nn.init.normal_(plain_task.rank.weight)  # a head with some signal, shared by all three runs
+
+    def with_iais(**options):
+        task = Retrieval(model.config, **options)
+        task.rank.load_state_dict(plain_task.rank.state_dict())
+        return task
+
+    plain, out = _gradients(model, plain_task, batch)
+    assert "iais_loss" not in out
+    off, out = _gradients(model, with_iais(iais={"variant": "distributed"}, iais_weight=0.0), batch)
+    assert out["iais_loss"].item() > 0
+    on, out = _gradients(model, with_iais(iais={"schedule": "constant"}), batch)
+    for name in plain:
+        torch.testing.assert_close(off[name], plain[name], atol=1e-6, rtol=1e-4)
+    changed = [n for n in plain if not torch.allclose(on[n], plain[n], atol=1e-6, rtol=1e-4)]
+    assert "encoder.layers.1.qkv.weight" in changed
+    # The exp schedule anneals the weight from e^-5 to 1.
+    task = Retrieval(model.config, iais={"schedule": "exp", "gamma": 5.0}, iais_weight=2.0)
+    assert task.loss_weights(0, 10)["iais_loss"] == pytest.approx(2 * np.exp(-5))
+    assert task.loss_weights(10, 10)["iais_loss"] == pytest.approx(2.0)
+
+
+def test_full_and_shortlist_scoring_agree_when_the_shortlist_covers_everything(store):
+    txt_db, img_db, tok = store
+    data = RetrievalDataset([txt_db], img_db)
+    model = tiny_model(len(tok.get_vocab()), seed=3)
+    task = Retrieval(model.config)
+    model.train()  # the scorer must switch dropout off by itself and restore the mode
+    scorer = PairScorer(model, task, img_db, data.index.img_keys, [data.text(j) for j in range(len(data))],
+                        cache_images=3)
+    n_img, n_txt = len(data.index.img_keys), len(data)
+    full = score_all_pairs(scorer, n_img, n_txt, 3, 5)
+    assert scorer.pairs_scored == n_img * n_txt == 8 * 16
+    sim = unimodal_similarity(scorer, chunk=5)
+    assert sim.shape == (8, 16) and sim.abs().max() <= 1 + 1e-5
+    short = shortlist_rerank(sim, scorer, k=n_img, chunk=4)
+    torch.testing.assert_close(short, full, atol=1e-5, rtol=0)
+    assert recall_at_k(short, data.index.txt2img) == recall_at_k(full, data.index.txt2img)
+    assert model.training
+    small = shortlist_rerank(sim, scorer, k=2)
+    scored = ~torch.isinf(small)
+    assert 0 < scored.sum() < scored.numel() and (small[scored] - full[scored]).abs().max() < 1e-5
+
+
+def test_texts_of_images_missing_from_the_store_are_listed_and_left_out(store):
+    txt_db, img_db, _ = store
+    data = RetrievalDataset([txt_db], img_db)
+    assert data.missing == ["img:8"] and len(data) == 16
+    with pytest.raises(RetrievalDataError, match="neg_samples=8: the split has only 8 images"):
+        RetrievalDataset([txt_db], img_db, neg_samples=8)
+
+
+def test_entity_phrases_map_to_word_piece_positions_and_isda_runs(store):
+    _, img_db, tok = store
+    sentence = EntitySentence("img:2", ("a", "green", "star", "and", "red", "circle"), (
+        EntityPhrase(0, 3, ((0.0, 0.0, 10.0, 10.0),)), EntityPhrase(4, 2, ((20.0, 20.0, 40.0, 40.0),))))
+    ids, positions = entity_inputs(tok, sentence, cls_id=2, sep_id=3, max_txt_len=60)
+    pieces = tok.convert_ids_to_tokens(ids.tolist())
+    assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]"
+    assert "".join(pieces[p].lstrip("#") for p in positions[0]) == "agreenstar"
+    assert "".join(pieces[p].lstrip("#") for p in positions[1]) == "redcircle"
+    _, cut = entity_inputs(tok, sentence, cls_id=2, sep_id=3, max_txt_len=2)
+    assert cut[1] == [] and len(cut[0]) == 2
+    # Regions of img:2 scaled to a 100 x 100 image; annotation boxes equal to two of them match (IoU 1).
+    boxes = img_db.get("img:2").boxes[:, :4] * 100
+    phrases = [EntityPhrase(p.first_word, p.n_words, (tuple(boxes[r].tolist()),))
+               for p, r in zip(sentence.phrases, (0, 1), strict=True)]
+    matched = EntitySentence("img:2", sentence.words, tuple(phrases))
+    model = tiny_model(len(tok.get_vocab()))
+    values = sentence_isda(model, img_db, [sentence, matched], {"img:2": (100, 100)}, tok, cls_id=2, sep_id=3)
+    assert values[0] is None and values[1] is not None and values[1] >= 0
