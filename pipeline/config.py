@@ -16,7 +16,9 @@ from stages.base import StageError
 from stages.dedup.config import DedupConfig
 from stages.download.config import DownloadConfig
 from stages.download.world.config import WorldConfig
+from stages.eval.config import EvalConfig
 from stages.feature_extraction.config import FeatureConfig
+from stages.finetune.config import FinetuneConfig
 from stages.pretrain.config import PretrainConfig
 from stages.txt_db.config import TxtDbConfig
 
@@ -54,6 +56,8 @@ class PipelineConfig(BaseModel):
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     txt_db: TxtDbConfig = Field(default_factory=TxtDbConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

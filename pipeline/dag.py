@@ -27,7 +27,7 @@ from stages.base import StageContext
 log = logging.getLogger("vlp.pipeline")
 
 # What `--stage all` runs to; every other stage is upstream of one of these.
-TERMINAL = ("pretrain",)
+TERMINAL = ("finetune", "eval")
 
 
 @dataclass
@@ -152,5 +152,6 @@ def execute(
     cfg_data = cfg.model_dump(mode="json")
     for ps in stages:
         upstream = [refs[name] for name in ps.inputs]
-        refs[ps.name] = _run_stage.remote(ps.__dict__, cfg_data, str(workdir), tracking, *upstream)
+        task = _run_stage.options(num_cpus=STAGES[ps.name].cpus(cfg) if not ps.cached else 0)
+        refs[ps.name] = task.remote(ps.__dict__, cfg_data, str(workdir), tracking, *upstream)
     return ray.get(list(refs.values()))

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.config import PipelineConfig
+from stages.eval.config import eval_upstream
+from stages.finetune.config import TASK_NAMES, finetune_upstream
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,9 @@ class StageSpec:
     upstream: Callable[[PipelineConfig], tuple[str, ...]]
     # User files the stage reads (weights, vocabularies): their contents go into the cache key too.
     files: Callable[[PipelineConfig], tuple[str | None, ...]] = lambda cfg: ()
+    # CPUs the stage's Ray task reserves, so that stages the graph may run side by side (one per
+    # downstream task) share the cluster instead of oversubscribing it.
+    cpus: Callable[[PipelineConfig], float] = lambda cfg: 0
 
     def load(self):
         module, func = self.entry.split(":")
@@ -34,6 +39,11 @@ class StageSpec:
 _BASE_CODE = ("stages/base.py",)
 _TABLES = "vlp/data/tables.py"
 _IMG_DB = ("vlp/data/img_db.py", "vlp/data/msgpack_codec.py")
+# The pretraining objectives (not iais.py, a finetuning regularizer that lives beside them).
+# Finetuning and evaluation use every library package and the pretraining loop's building blocks.
+_DOWNSTREAM_CODE = (*_BASE_CODE, "vlp", "stages/pretrain", "stages/finetune")
+_OBJECTIVES = tuple(f"vlp/objectives/{m}.py" for m in
+                    ("__init__", "common", "ipot", "itm", "masking", "mlm", "mrc", "mrfr", "mrm"))
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
@@ -97,10 +107,51 @@ STAGES: dict[str, StageSpec] = {
             name="pretrain",
             entry="stages.pretrain.stage:run",
             config=("pretrain",),
-            code=(*_BASE_CODE, "vlp/data", "vlp/model", "vlp/objectives", "vlp/eval", "vlp/distributed.py",
-                  "stages/pretrain"),
+            code=(*_BASE_CODE, "vlp/data", "vlp/model", *_OBJECTIVES, "vlp/eval/retrieval.py",
+                  "vlp/distributed.py", "stages/pretrain"),
             upstream=lambda cfg: ("txtdb", "features"),
             files=lambda cfg: (cfg.pretrain.model.init_from_bert,),
+        ),
+        *(
+            StageSpec(
+                name=f"finetune_{task}",
+                entry=f"stages.finetune.stage:run_{task}",
+                config=("finetune.common", f"finetune.{task}"),
+                code=_DOWNSTREAM_CODE,
+                upstream=lambda cfg, task=task: finetune_upstream(task),
+                cpus=lambda cfg: cfg.finetune.common.threads,
+            )
+            for task in TASK_NAMES
+        ),
+        StageSpec(
+            name="finetune",
+            entry="stages.finetune.stage:run",
+            config=("finetune.tasks",),
+            code=(*_BASE_CODE, "stages/finetune/stage.py"),
+            upstream=lambda cfg: tuple(f"finetune_{task}" for task in cfg.finetune.tasks),
+        ),
+        *(
+            StageSpec(
+                name=f"eval_{task}",
+                entry=f"stages.eval.stage:run_{task}",
+                # RefCOCO pools ground-truth boxes with the feature extractor's detector and input size.
+                config=("eval.common", f"eval.splits.{task}")
+                + {"retrieval": ("eval.retrieval",), "refcoco": ("features",)}.get(task, ()),
+                code=(*_DOWNSTREAM_CODE, "stages/eval")
+                + (("stages/feature_extraction",) if task == "refcoco" else ()),
+                upstream=lambda cfg, task=task: eval_upstream(task, cfg.features.detector.weights),
+                files=(lambda cfg: (cfg.features.detector.weights,)) if task == "refcoco"
+                else (lambda cfg: ()),
+                cpus=lambda cfg: cfg.eval.common.threads,
+            )
+            for task in TASK_NAMES
+        ),
+        StageSpec(
+            name="eval",
+            entry="stages.eval.stage:run",
+            config=("finetune.tasks",),
+            code=(*_BASE_CODE, "stages/eval"),
+            upstream=lambda cfg: tuple(f"eval_{task}" for task in cfg.finetune.tasks),
         ),
     )
 }

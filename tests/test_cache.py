@@ -39,3 +39,28 @@ def test_forced_recompute_replaces_output_only_at_commit(tmp_path):
     assert store.manifest("s", "k") == {"v": 2}
     assert (store.final_dir("s", "k") / "new.txt").exists()
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["k"]
+
+
+def _keys(cfg, tmp_path, target="all"):
+    from pipeline.dag import plan
+
+    return {p.name: p.key for p in plan(cfg, target, StageStore(tmp_path))}
+
+
+def test_downstream_tasks_are_cached_per_task_and_configurable(tmp_path):
+    from pipeline.config import load_config
+
+    base = _keys(load_config(None, []), tmp_path)
+    assert {f"{stage}_{task}" for stage in ("finetune", "eval")
+            for task in ("retrieval", "vqa", "nlvr2", "snli_ve", "refcoco")} <= base.keys()
+    # One task's setting reruns that task's finetune and eval (and the aggregates), nothing else.
+    changed = _keys(load_config(None, ["finetune.vqa.lr=0.0002"]), tmp_path)
+    assert {n for n in base if base[n] != changed[n]} == {"finetune_vqa", "eval_vqa", "finetune", "eval"}
+    changed = _keys(load_config(None, ["eval.splits.nlvr2=[dev]"]), tmp_path)
+    assert {n for n in base if base[n] != changed[n]} == {"eval_nlvr2", "eval"}
+    # Which tasks run is config; the pretrained model's key does not depend on it.
+    only = _keys(load_config(None, ["finetune.tasks=[snli_ve]"]), tmp_path)
+    assert {n for n in only if n.startswith(("finetune_", "eval_"))} == {"finetune_snli_ve", "eval_snli_ve"}
+    assert only["pretrain"] == base["pretrain"] and only["eval_snli_ve"] == base["eval_snli_ve"]
+    # RefCOCO's evaluation pools ground-truth boxes with the detector, so it depends on the detector stage.
+    assert "detector" in _keys(load_config(None, []), tmp_path, "eval_refcoco")
