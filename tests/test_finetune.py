@@ -185,6 +185,8 @@ def build_world(root: Path) -> dict[str, Path]:
     write_table(flickr_shard, image_rows("flickr30k", flickr, False), tables.IMAGES)
     write_table(download / "tables" / "task_refcoco.parquet", ref_rows, tables.TASK_REFCOCO)
     write_table(download / "tables" / "objects.parquet", object_rows, tables.OBJECTS)
+    # The real tables dir holds every table: readers must open theirs by name.
+    write_table(download / "tables" / "captions.parquet", [], tables.CAPTIONS)
     write_table(download / "images" / "coco" / "shard-00000.parquet", image_rows("coco", ref_images, True),
                 tables.IMAGES)
 

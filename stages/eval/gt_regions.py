@@ -44,7 +44,10 @@ def build_gt_store(keys: Iterable[str], download_dir: Path, features: FeatureCon
                    out: Path, nbb: tuple[float, int, int]) -> int:
     """Write the store for the images ``keys`` that were downloaded; returns how many images it holds."""
     wanted = set(keys)
-    instances = coco_instance_boxes(download_dir / "tables", wanted)
+    try:
+        instances = coco_instance_boxes(download_dir / "tables" / "objects.parquet", wanted)
+    except ValueError as err:
+        raise StageError(str(err)) from None
     encoded = image_bytes(download_dir / "images", wanted)
     backend = load_backend(features.detector, weights)
     short, long = detector_input_size(features)
