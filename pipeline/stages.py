@@ -112,6 +112,14 @@ STAGES: dict[str, StageSpec] = {
             upstream=lambda cfg: ("txtdb", "features"),
             files=lambda cfg: (cfg.pretrain.model.init_from_bert,),
         ),
+        StageSpec(
+            name="karpathy_txtdb",
+            entry="stages.finetune.karpathy_txtdb:run",
+            config=(),
+            code=(*_BASE_CODE, _TABLES, "vlp/data/tokenizer.py", "vlp/data/txt_db.py", "stages/txt_db",
+                  "stages/finetune/karpathy_txtdb.py"),
+            upstream=lambda cfg: ("download", "txtdb"),
+        ),
         *(
             StageSpec(
                 name=f"finetune_{task}",

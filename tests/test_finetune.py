@@ -23,12 +23,13 @@ from stages.feature_extraction.config import FeatureConfig
 from stages.feature_extraction.detector.config import DetectorConfig
 from stages.feature_extraction.detector.model import RegionDetector
 from stages.feature_extraction.detector.torchvision_backend import save_checkpoint
+from stages.finetune import karpathy_txtdb
 from stages.finetune import stage as finetune_stage
 from stages.finetune.config import TASK_NAMES, FinetuneConfig, finetune_upstream
 from vlp.data import tables
 from vlp.data.img_db import ImgDb, ImgDbWriter
 from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wordpiece
-from vlp.data.txt_db import TxtDbWriter
+from vlp.data.txt_db import TxtDb, TxtDbWriter
 from vlp.model import UniterConfig, UniterModel
 
 SHAPES = ["circle", "square", "star", "heart"]
@@ -162,12 +163,25 @@ def build_world(root: Path) -> dict[str, Path]:
                                     "boxes": [list(box)]})
     split_rows = [{"corpus": "flickr30k", "scheme": "entities", "split": s, "image_key": k}
                   for k, s in flickr_split.items()]
+    # COCO-style retrieval: captions of the VQA images in Karpathy splits (karpathy_txtdb reads them), plus a
+    # caption of an image in no Karpathy split and one of another corpus, which it must leave out.
+    karpathy = {k: "train" if i < 6 else "restval" if i < 7 else "val" if i < 9 else "test"
+                for i, k in enumerate(vqa_images)}
+    coco_captions = [{"corpus": "coco", "image_key": key, "caption_id": f"{key}#{c}", "split": "train2014",
+                      "caption": caption(obj, range(len(obj)) if c == 0 else range(len(obj))[::-1])}
+                     for key, obj in vqa_images.items() for c in range(2)]
+    coco_captions += [{"corpus": "coco", "image_key": "coco:100", "caption_id": "x", "caption": "a red star",
+                       "split": "train2014"},
+                      {"corpus": "cc", "image_key": "cc:train:0", "caption_id": "y", "caption": "a red star",
+                       "split": "train"}]
+    texts += [r["caption"] for r in coco_captions]
     texts += [r["question"] for r in vqa_rows] + [r["sentence"] for r in nlvr2_rows]
     texts += [r["hypothesis"] for r in snli_rows] + [s for r in ref_rows for s in r["sentences"]]
 
     tok = train_wordpiece(texts, 300)
     txtdb = root / "txtdb"
     save_tokenizer(tok, txtdb / "tokenizer")
+    (txtdb / "stats.json").write_text(json.dumps({"tokenizer": {"name": "toy", "max_txt_len": 60}}))
     for split in ("train", "val", "test"):
         with TxtDbWriter(txtdb / f"flickr30k_{split}.db", tokenizer_meta(tok, "toy")) as writer:
             for key in keys:
@@ -185,8 +199,10 @@ def build_world(root: Path) -> dict[str, Path]:
     write_table(flickr_shard, image_rows("flickr30k", flickr, False), tables.IMAGES)
     write_table(download / "tables" / "task_refcoco.parquet", ref_rows, tables.TASK_REFCOCO)
     write_table(download / "tables" / "objects.parquet", object_rows, tables.OBJECTS)
-    # The real tables dir holds every table: readers must open theirs by name.
-    write_table(download / "tables" / "captions.parquet", [], tables.CAPTIONS)
+    write_table(download / "tables" / "captions.parquet", coco_captions, tables.CAPTIONS)
+    karpathy_rows = [{"corpus": "coco", "scheme": "karpathy", "split": s, "image_key": k}
+                     for k, s in karpathy.items()]
+    write_table(download / "tables" / "splits.parquet", karpathy_rows, tables.SPLITS)
     write_table(download / "images" / "coco" / "shard-00000.parquet", image_rows("coco", ref_images, True),
                 tables.IMAGES)
 
@@ -211,7 +227,7 @@ def configs(root: Path, **common) -> SimpleNamespace:
     train = {"max_steps": 3, "batch_units": 400, "lr": 1e-3}
     finetune = FinetuneConfig(
         common={"nbb": NBB, "precision": "fp32", "log_every": 1, "threads": 1, **common},
-        retrieval={**train, "neg_samples": 3, "hard_negatives": 2, "batch_units": 120},
+        retrieval={**train, "neg_samples": 3, "hard_negatives": 2, "batch_units": 120, "epochs": 10},
         vqa={**train, "options": {"min_count": 1}, "train_split": "train2014", "val_split": "val2014"},
         nlvr2={**train, "options": {"variant": "pair"}, "train_split": "train", "val_split": "dev"},
         snli_ve={**train, "train_split": "train", "val_split": "dev"},
@@ -246,6 +262,9 @@ def finetuned(world):
     """Every finetune_<task> stage, then the finetune aggregate."""
     root, inputs = world
     cfg = configs(root)
+    karpathy_txtdb.run(context(cfg, root, "karpathy_txtdb", {"download": inputs["download"],
+                                                               "txtdb": inputs["txtdb"]}))
+    inputs["karpathy_txtdb"] = root / "out" / "karpathy_txtdb"
     results = {}
     for task in TASK_NAMES:
         needed = {name: inputs[name] for name in finetune_upstream(task)}
@@ -260,7 +279,8 @@ def test_finetune_stages_write_a_checkpoint_per_task_and_initialisation(finetune
     for task in TASK_NAMES:
         out = root / "out" / f"finetune_{task}"
         variants = json.loads((out / "variants.json").read_text())
-        expected = (["flickr30k/pretrained", "flickr30k/scratch", "flickr30k/pretrained_no_iais"]
+        expected = ([f"{d}/{kind}" for d in ("flickr30k", "coco") for kind in ("pretrained", "scratch",
+                                                                              "pretrained_no_iais")]
                     if task == "retrieval" else ["pretrained", "scratch"])
         assert [v["name"] for v in variants] == expected
         for v in variants:
@@ -282,7 +302,7 @@ def test_finetune_stages_write_a_checkpoint_per_task_and_initialisation(finetune
     nlvr2 = UniterModel.from_pretrained(root / "out" / "finetune_nlvr2" / "scratch" / "encoder")
     assert nlvr2.config.type_vocab_size == 3
     retrieval = json.loads((root / "out" / "finetune_retrieval" / "variants.json").read_text())
-    assert [v["iais"] for v in retrieval] == [True, True, False]
+    assert [v["iais"] for v in retrieval] == [True, True, False] * 2
     index = json.loads((root / "out" / "finetune" / "finetune.json").read_text())
     assert sorted(index) == sorted(TASK_NAMES)
     assert aggregate.artifacts == ["finetune.json"]
@@ -322,12 +342,13 @@ def test_eval_writes_metrics_summary_and_figures(evaluated):
     assert set(metrics["refcoco"]["scratch"]["testA"]) >= {"refcoco_acc", "refcoco_gt_acc"}
     assert 0.0 <= metrics["vqa"]["pretrained"]["val2014"]["vqa_score"] <= 1.0
     retrieval = metrics["retrieval"]
-    assert sorted(retrieval) == ["flickr30k/pretrained", "flickr30k/pretrained_no_iais", "flickr30k/scratch",
-                                 "flickr30k/zero_shot"]
-    for sections in retrieval.values():
+    assert sorted(retrieval) == sorted(f"{d}/{kind}" for d in ("flickr30k", "coco") for kind in (
+        "pretrained", "pretrained_no_iais", "scratch", "zero_shot"))
+    for name, sections in retrieval.items():
         assert sorted(sections) == ["isda", "test/full", "test/shortlist"]
         full, short = sections["test/full"], sections["test/shortlist"]
-        assert full["pairs_scored"] == 4 * 8  # 4 test images x 8 captions
+        # Flickr30k: 4 test images x 8 captions; COCO Karpathy test: 3 images x 6 captions.
+        assert full["pairs_scored"] == (4 * 8 if name.startswith("flickr30k") else 3 * 6)
         assert short["pairs_scored"] < full["pairs_scored"]
         assert sections["isda"]["isda_pairs"] == 8 and sections["isda"]["isda"] >= 0
     summary = json.loads((out / "summary.json").read_text())
@@ -339,7 +360,8 @@ def test_eval_writes_metrics_summary_and_figures(evaluated):
     markdown = (out / "summary.md").read_text()
     assert "| vqa | val2014 | vqa_score |" in markdown and "IAIS lowers ISDa" in markdown
     pngs = sorted(p for p in aggregate.artifacts if p.endswith(".png"))
-    assert pngs == ["figures/attention_flickr30k_test.png", "figures/recall_flickr30k_test.png"]
+    assert pngs == [f"figures/{kind}_{d}_test.png" for kind in ("attention", "recall")
+                    for d in ("coco", "flickr30k")]
     for artifact in aggregate.artifacts:
         assert (out / artifact).is_file()
     assert Image.open(out / pngs[-1]).format == "PNG"
@@ -351,6 +373,18 @@ def test_eval_writes_metrics_summary_and_figures(evaluated):
     gt = ImgDb(root / "out" / "eval_refcoco" / "gt_img_db", *NBB)
     assert len(gt) == 3 and all(gt.get(k).features.shape[1] == DIM for k in gt.keys())
     gt.close()
+
+
+def test_karpathy_txtdb_writes_the_coco_karpathy_splits_with_the_txtdb_tokenizer(finetuned):
+    root, inputs, _, _, _ = finetuned
+    out = inputs["karpathy_txtdb"]
+    sizes = {name: len(TxtDb(out / f"coco_karpathy_{name}.db")) for name in ("train", "restval", "val", "test")}
+    # 2 captions per image of 6 / 1 / 2 / 3 images; the caption outside any Karpathy split and CC's are left out.
+    assert sizes == {"train": 12, "restval": 2, "val": 4, "test": 6}
+    test = TxtDb(out / "coco_karpathy_test.db")
+    reference = TxtDb(inputs["txtdb"] / "flickr30k_train.db")
+    assert test.meta["vocab_digest"] == reference.meta["vocab_digest"]
+    assert sorted(set(test.txt2img.values())) == ["coco:10", "coco:11", "coco:12"]
 
 
 def test_missing_images_stop_with_one_line_or_are_skipped(world, tmp_path, caplog):

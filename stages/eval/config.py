@@ -82,6 +82,6 @@ def eval_upstream(task: str, detector_weights: str | None) -> tuple[str, ...]:
     tokenizer), the regions, and the task's data as in ``finetune_upstream``; retrieval also reads dedup
     (Entities annotations and image sizes for ISDa); RefCOCO also the detector, to pool features at the
     COCO ground-truth boxes (its stage's weights unless ``features.detector.weights`` names a file)."""
-    data = {"retrieval": ("txtdb", "dedup"), "refcoco": ("download",)}.get(task, ("dedup",))
+    data = {"retrieval": ("txtdb", "karpathy_txtdb", "dedup"), "refcoco": ("download",)}.get(task, ("dedup",))
     detector = ("detector",) if task == "refcoco" and detector_weights is None else ()
     return (f"finetune_{task}", "pretrain", "features", *data, *detector)

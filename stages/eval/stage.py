@@ -41,7 +41,14 @@ from stages.eval.retrieval import (
 from stages.eval.summary import build_summary, to_markdown
 from stages.feature_extraction.stage import detector_weights
 from stages.finetune.checkpoint import Pretrained, load_finetuned, load_head
-from stages.finetune.data import image_sizes, open_store, retrieval_data, task_data, task_tables
+from stages.finetune.data import (
+    image_sizes,
+    open_store,
+    retrieval_data,
+    retrieval_db_dirs,
+    task_data,
+    task_tables,
+)
 from stages.finetune.loop import evaluate_dataset, make_autocast
 from stages.finetune.stage import STORE, device_of, read_variants
 from vlp.data.img_db import ImgDb
@@ -169,7 +176,7 @@ def eval_retrieval(ctx: StageContext, cfg: EvalConfig, pre: Pretrained, img_db: 
                 raise StageError(f"eval.splits.retrieval: split {split!r} is not one of the retrieval "
                                  f"dataset {dataset!r}'s dbs ({known})")
             names = data_cfg[split] if isinstance(data_cfg[split], list) else [data_cfg[split]]
-            test = retrieval_data(ctx.inputs["txtdb"], names, f"{dataset} {split}", img_db,
+            test = retrieval_data(retrieval_db_dirs(ctx.inputs), names, f"{dataset} {split}", img_db,
                                   max_txt_len=data_cfg["max_txt_len"], skip=common.skip_missing_images,
                                   log=ctx.log, setting=SKIP_SETTING)
             texts = [test.text(j) for j in range(len(test))]

@@ -104,8 +104,12 @@ class RetrievalConfig(TrainConfig):
     batch_units: int = 512  # positives only
     train_split: str = "train"
     val_split: str = "val"
+    # Text dbs of the txtdb stage (flickr30k_*) or the karpathy_txtdb stage (coco_karpathy_*); UNITER trains
+    # COCO retrieval on Karpathy train + restval.
     datasets: dict[str, RetrievalData] = Field(default_factory=lambda: {
-        "flickr30k": RetrievalData(train=["flickr30k_train"], val="flickr30k_val", test="flickr30k_test")})
+        "flickr30k": RetrievalData(train=["flickr30k_train"], val="flickr30k_val", test="flickr30k_test"),
+        "coco": RetrievalData(train=["coco_karpathy_train", "coco_karpathy_restval"], val="coco_karpathy_val",
+                              test="coco_karpathy_test")})
     max_txt_len: int = Field(60, ge=1)
     margin: float = Field(0.2, ge=0)
     neg_samples: int = Field(4, ge=1)  # random candidates per positive, per side
@@ -174,7 +178,8 @@ class FinetuneConfig(BaseModel):
 
 def finetune_upstream(task: str) -> tuple[str, ...]:
     """Stages ``finetune_<task>`` reads: the encoder and its tokenizer (pretrain), the regions (features) and
-    the task's data: retrieval texts (txtdb), VQA / NLVR2 / SNLI-VE tables (dedup), RefCOCO's table and
-    image sizes (download: dedup drops the RefCOCO eval images' rows from the image shards)."""
-    data = {"retrieval": "txtdb", "refcoco": "download"}.get(task, "dedup")
-    return ("pretrain", "features", data)
+    the task's data: retrieval texts (txtdb, karpathy_txtdb), VQA / NLVR2 / SNLI-VE tables (dedup),
+    RefCOCO's table and image sizes (download: dedup drops the RefCOCO eval images' rows from the image
+    shards)."""
+    data = {"retrieval": ("txtdb", "karpathy_txtdb"), "refcoco": ("download",)}.get(task, ("dedup",))
+    return ("pretrain", "features", *data)

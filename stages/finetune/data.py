@@ -69,12 +69,27 @@ def task_data(task: str, split: str, inputs: Mapping[str, Path], img_db: ImgDb, 
     return data
 
 
-def retrieval_data(txt_db_dir: Path, names: list[str], split: str, img_db: ImgDb, *, max_txt_len: int,
+def retrieval_db_dirs(inputs: Mapping[str, Path]) -> list[Path]:
+    """Where retrieval text dbs are looked up by name: the txtdb stage's, then karpathy_txtdb's."""
+    return [inputs["txtdb"], inputs["karpathy_txtdb"]]
+
+
+def find_db(db_dirs: list[Path], name: str, split: str) -> Path:
+    for directory in db_dirs:
+        if (directory / f"{name}.db").is_dir():
+            return directory / f"{name}.db"
+    known = sorted(p.stem for d in db_dirs for p in d.glob("*.db"))
+    raise StageError(f"task retrieval split {split}: no text db {name!r} (dbs: {', '.join(known)})")
+
+
+def retrieval_data(db_dirs: list[Path], names: list[str], split: str, img_db: ImgDb, *, max_txt_len: int,
                    skip: bool, log: logging.Logger, neg_samples: int = 0, seed: int = 0,
                    setting: str = SKIP_SETTING) -> RetrievalDataset:
-    """Retrieval texts of the txtdb stage's dbs ``names`` with their images (``split`` names it in errors)."""
+    """Retrieval texts of the text dbs ``names`` (found in ``db_dirs``) with their images (``split`` names
+    it in errors)."""
+    paths = [find_db(db_dirs, name, split) for name in names]
     try:
-        dbs = [TxtDb(txt_db_dir / f"{name}.db") for name in names]
+        dbs = [TxtDb(path) for path in paths]
         data = RetrievalDataset(dbs, img_db, max_txt_len=max_txt_len, neg_samples=neg_samples, seed=seed)
     except (TxtDbError, ValueError) as err:
         raise StageError(f"task retrieval split {split}: {' '.join(str(err).split())}") from None

@@ -28,7 +28,7 @@ import torch
 from stages.base import StageContext, StageError, StageResult
 from stages.finetune.checkpoint import Pretrained, save_finetuned
 from stages.finetune.config import CommonConfig, FinetuneConfig, RetrievalConfig, TrainConfig
-from stages.finetune.data import image_sizes, open_store, retrieval_data, task_data
+from stages.finetune.data import image_sizes, open_store, retrieval_data, retrieval_db_dirs, task_data
 from stages.finetune.loop import evaluate_dataset, fit, make_autocast
 from vlp.data.img_db import ImgDb
 from vlp.eval.retrieval import recall_at_k, score_all_pairs
@@ -84,7 +84,7 @@ def finetune_retrieval(ctx: StageContext, variant: Variant, cfg: FinetuneConfig,
     common, rcfg = cfg.common, cfg.retrieval
     device, autocast = device_of(), make_autocast(common.precision, device_of())
     # Built per variant: its negative sampler starts from the same seed in every variant.
-    train = retrieval_data(ctx.inputs["txtdb"], rcfg.datasets[variant.dataset].train,
+    train = retrieval_data(retrieval_db_dirs(ctx.inputs), rcfg.datasets[variant.dataset].train,
                            f"{variant.dataset} {rcfg.train_split}", img_db, max_txt_len=rcfg.max_txt_len,
                            skip=common.skip_missing_images, log=ctx.log, neg_samples=rcfg.neg_samples,
                            seed=common.seed)
@@ -156,8 +156,8 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     records = []
     try:
         if task == "retrieval":
-            vals = {name: retrieval_data(ctx.inputs["txtdb"], [dbs.val], f"{name} {tcfg.val_split}", img_db,
-                                         max_txt_len=cfg.retrieval.max_txt_len,
+            vals = {name: retrieval_data(retrieval_db_dirs(ctx.inputs), [dbs.val], f"{name} {tcfg.val_split}",
+                                         img_db, max_txt_len=cfg.retrieval.max_txt_len,
                                          skip=common.skip_missing_images, log=ctx.log)
                     for name, dbs in cfg.retrieval.datasets.items()}
             for variant in variants_of(task, cfg):
