@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from stages.download.errors import FetchError
 from stages.download.fetch import FetchSettings, decode, fetch_shard
@@ -133,6 +134,54 @@ def test_decode_loads_pixels_so_truncated_data_is_not_an_image():
     with pytest.raises(FetchError) as err:
         decode(data, 256 * 256 - 1)
     assert err.value.kind == "decompression_bomb"
+
+
+def _full_load_fails(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception:  # noqa: BLE001 - whatever PIL raises
+        return True
+    return False
+
+
+@pytest.mark.parametrize(("mode", "size", "progressive"), [
+    ("RGB", (203, 117), False), ("RGB", (131, 77), True), ("L", (97, 61), False), ("CMYK", (40, 24), False),
+    ("RGB", (5, 3), False),
+])
+def test_jpeg_draft_decode_keeps_the_size_and_the_verdict_of_a_full_load(mode, size, progressive):
+    """decode() loads a JPEG at reduced scale: the size must still be the header's, and every truncated or
+    corrupted stream must get the same verdict as a full load."""
+    rng = random.Random(f"{mode}{size}")
+    im = Image.frombytes(mode, size, rng.randbytes(size[0] * size[1] * len(mode)))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85, progressive=progressive)
+    data = buf.getvalue()
+    assert decode(data, 10_000_000) == size
+    for cut in (len(data) // 3, len(data) * 9 // 10):  # cut inside the entropy-coded scan
+        with pytest.raises(FetchError) as err:
+            decode(data[:cut], 10_000_000)
+        assert err.value.kind == "not_image"
+    variants = [data[: len(data) - 2]]  # only the EOI marker missing: whatever a full load says
+    for _ in range(40):
+        bad = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            bad[rng.randrange(len(bad) // 4, len(bad))] = rng.randrange(256)
+        variants.append(bytes(bad))
+    for bad in variants:
+        try:
+            decode(bad, 10_000_000)
+            failed = False
+        except FetchError as err:
+            assert err.kind == "not_image"
+            failed = True
+        assert failed == _full_load_fails(bad)
+
+
+def test_decode_refuses_to_run_when_pil_loads_truncated_images(monkeypatch):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
+        decode(jpeg(1), 10_000_000)
 
 
 class _Scripted(BaseHTTPRequestHandler):
