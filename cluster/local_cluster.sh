@@ -28,6 +28,8 @@ case "${1:-start}" in
     echo "submit with: RAY_AUTH_MODE=token $RAY job submit --address http://127.0.0.1:8265 --working-dir . -- python pipeline/run.py --stage all --workdir $PWD/work"
     ;;
   stop)
+    # `ray stop` has no per-cluster form: it stops every Ray process on this machine, including a local
+    # Ray that a `pipeline/run.py` without RAY_ADDRESS started for itself.
     "$RAY" stop --force
     ;;
   *)
