@@ -28,10 +28,12 @@ class StageSpec:
     # CPUs the stage's Ray task reserves, so that stages the graph may run side by side (one per
     # downstream task) share the cluster instead of oversubscribing it.
     cpus: Callable[[PipelineConfig], float] = lambda cfg: 0
+    args: tuple[str, ...] = ()  # passed to the entry after the context (the task of a per-task stage)
 
     def load(self):
         module, func = self.entry.split(":")
-        return getattr(importlib.import_module(module), func)
+        entry = getattr(importlib.import_module(module), func)
+        return lambda ctx: entry(ctx, *self.args)
 
 
 # Each stage hashes the library modules it imports, not all of vlp/, so that adding a later stage's
@@ -123,7 +125,8 @@ STAGES: dict[str, StageSpec] = {
         *(
             StageSpec(
                 name=f"finetune_{task}",
-                entry=f"stages.finetune.stage:run_{task}",
+                entry="stages.finetune.stage:run_task",
+                args=(task,),
                 config=("finetune.common", f"finetune.{task}"),
                 code=_DOWNSTREAM_CODE,
                 upstream=lambda cfg, task=task: finetune_upstream(task),
@@ -141,7 +144,8 @@ STAGES: dict[str, StageSpec] = {
         *(
             StageSpec(
                 name=f"eval_{task}",
-                entry=f"stages.eval.stage:run_{task}",
+                entry="stages.eval.stage:run_task",
+                args=(task,),
                 # RefCOCO pools ground-truth boxes with the feature extractor's detector and input size.
                 config=("eval.common", f"eval.splits.{task}")
                 + {"retrieval": ("eval.retrieval",), "refcoco": ("features",)}.get(task, ()),

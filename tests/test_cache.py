@@ -64,3 +64,11 @@ def test_downstream_tasks_are_cached_per_task_and_configurable(tmp_path):
     assert only["pretrain"] == base["pretrain"] and only["eval_snli_ve"] == base["eval_snli_ve"]
     # RefCOCO's evaluation pools ground-truth boxes with the detector, so it depends on the detector stage.
     assert "detector" in _keys(load_config(None, []), tmp_path, "eval_refcoco")
+
+
+def test_per_task_stages_call_their_entry_with_the_task(monkeypatch):
+    from pipeline.stages import STAGES
+    from stages.finetune import stage as finetune_stage
+
+    monkeypatch.setattr(finetune_stage, "run_task", lambda ctx, task: (ctx, task))
+    assert STAGES["finetune_snli_ve"].load()("ctx") == ("ctx", "snli_ve")

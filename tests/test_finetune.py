@@ -268,7 +268,7 @@ def finetuned(world):
     results = {}
     for task in TASK_NAMES:
         needed = {name: inputs[name] for name in finetune_upstream(task)}
-        results[task] = getattr(finetune_stage, f"run_{task}")(context(cfg, root, f"finetune_{task}", needed))
+        results[task] = finetune_stage.run_task(context(cfg, root, f"finetune_{task}", needed), task)
     outputs = {f"finetune_{task}": root / "out" / f"finetune_{task}" for task in TASK_NAMES}
     aggregate = finetune_stage.run(context(cfg, root, "finetune", outputs))
     return root, inputs, cfg, results, aggregate
@@ -327,7 +327,7 @@ def evaluated(finetuned):
         needed = {}
         for name in eval_upstream(task, cfg.features.detector.weights):
             needed[name] = root / "out" / name if name.startswith("finetune_") else inputs[name]
-        results[task] = getattr(eval_stage, f"run_{task}")(context(cfg, root, f"eval_{task}", needed))
+        results[task] = eval_stage.run_task(context(cfg, root, f"eval_{task}", needed), task)
     outputs = {f"eval_{task}": root / "out" / f"eval_{task}" for task in TASK_NAMES}
     aggregate = eval_stage.run(context(cfg, root, "eval", outputs))
     return root, results, aggregate
@@ -378,8 +378,10 @@ def test_eval_writes_metrics_summary_and_figures(evaluated):
 def test_karpathy_txtdb_writes_the_coco_karpathy_splits_with_the_txtdb_tokenizer(finetuned):
     root, inputs, _, _, _ = finetuned
     out = inputs["karpathy_txtdb"]
-    sizes = {name: len(TxtDb(out / f"coco_karpathy_{name}.db")) for name in ("train", "restval", "val", "test")}
-    # 2 captions per image of 6 / 1 / 2 / 3 images; the caption outside any Karpathy split and CC's are left out.
+    sizes = {name: len(TxtDb(out / f"coco_karpathy_{name}.db"))
+             for name in ("train", "restval", "val", "test")}
+    # 2 captions per image of 6 / 1 / 2 / 3 images; the caption outside any Karpathy split and CC's are
+    # left out.
     assert sizes == {"train": 12, "restval": 2, "val": 4, "test": 6}
     test = TxtDb(out / "coco_karpathy_test.db")
     reference = TxtDb(inputs["txtdb"] / "flickr30k_train.db")
@@ -398,13 +400,13 @@ def test_missing_images_stop_with_one_line_or_are_skipped(world, tmp_path, caplo
     needed = {"dedup": tmp_path / "dedup", "features": inputs["features"], "pretrain": inputs["pretrain"]}
     cfg = configs(root)
     with pytest.raises(StageError) as err:
-        finetune_stage.run_vqa(context(cfg, tmp_path, "finetune_vqa", needed))
+        finetune_stage.run_task(context(cfg, tmp_path, "finetune_vqa", needed), "vqa")
     store = inputs["features"] / "img_db"
     assert str(err.value) == (f"task vqa split val2014: 2 of 5 images missing from the feature store "
                               f"{store}: coco:777, coco:778 (set finetune.common.skip_missing_images to skip "
                               "their examples)")
     cfg = configs(root, skip_missing_images=True, init="scratch")
-    result = finetune_stage.run_vqa(context(cfg, tmp_path, "finetune_vqa_skip", needed))
+    result = finetune_stage.run_task(context(cfg, tmp_path, "finetune_vqa_skip", needed), "vqa")
     assert "scratch.val.vqa_score" in result.metrics
     assert "task vqa split val2014: 2 of 5 images missing" in caplog.text
 
@@ -421,7 +423,7 @@ def test_answer_vocabulary_mismatch_fails_clearly(finetuned, tmp_path):
     needed = {"finetune_vqa": root / "out" / "finetune_vqa", "pretrain": inputs["pretrain"],
               "features": inputs["features"], "dedup": tmp_path / "dedup"}
     with pytest.raises(StageError) as err:
-        eval_stage.run_vqa(context(cfg, tmp_path, "eval_vqa", needed))
+        eval_stage.run_task(context(cfg, tmp_path, "eval_vqa", needed), "vqa")
     assert str(err.value) == (f"{root / 'out' / 'finetune_vqa' / 'pretrained'}: answer vocabulary mismatch: "
                               "checkpoint has 2 answers, data has 1 (first difference at label 0: checkpoint "
                               "'yes', data 'maybe')")

@@ -243,26 +243,6 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
                        artifacts=[METRICS, *artifacts])
 
 
-def run_retrieval(ctx: StageContext) -> StageResult:
-    return run_task(ctx, "retrieval")
-
-
-def run_vqa(ctx: StageContext) -> StageResult:
-    return run_task(ctx, "vqa")
-
-
-def run_nlvr2(ctx: StageContext) -> StageResult:
-    return run_task(ctx, "nlvr2")
-
-
-def run_snli_ve(ctx: StageContext) -> StageResult:
-    return run_task(ctx, "snli_ve")
-
-
-def run_refcoco(ctx: StageContext) -> StageResult:
-    return run_task(ctx, "refcoco")
-
-
 def run(ctx: StageContext) -> StageResult:
     """The aggregate: all tasks' metrics, the summary table and the figures in one place."""
     tasks = ctx.cfg.finetune.tasks

@@ -178,26 +178,6 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
                        artifacts=[VARIANTS_FILE])
 
 
-def run_retrieval(ctx: StageContext) -> StageResult:
-    return run_task(ctx, "retrieval")
-
-
-def run_vqa(ctx: StageContext) -> StageResult:
-    return run_task(ctx, "vqa")
-
-
-def run_nlvr2(ctx: StageContext) -> StageResult:
-    return run_task(ctx, "nlvr2")
-
-
-def run_snli_ve(ctx: StageContext) -> StageResult:
-    return run_task(ctx, "snli_ve")
-
-
-def run_refcoco(ctx: StageContext) -> StageResult:
-    return run_task(ctx, "refcoco")
-
-
 def read_variants(task_dir: Path) -> list[dict[str, Any]]:
     path = task_dir / VARIANTS_FILE
     try:
