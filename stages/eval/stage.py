@@ -208,7 +208,6 @@ def eval_retrieval(ctx: StageContext, cfg: EvalConfig, pre: Pretrained, img_db: 
     return metrics, artifacts
 
 
-
 def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """``a/b/c -> value`` for every finite number of a nested dict (MLflow metric names)."""
     out = {}
