@@ -44,6 +44,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from stages.eval.config import RetrievalEvalConfig  # noqa: E402
 from stages.finetune.config import TrainConfig  # noqa: E402
 from stages.finetune.loop import fit, make_autocast  # noqa: E402
 from vlp.data.img_db import ImgDb, ImgDbWriter  # noqa: E402
@@ -60,6 +61,8 @@ from vlp.tasks.retrieval import (  # noqa: E402
     unimodal_similarity,
 )
 
+# The eval stage's chunk sizes, shortlist size and heap release, so the benchmark scores as it does.
+STAGE = RetrievalEvalConfig()
 SPECIAL = {"PAD": 0, "UNK": 1, "CLS": 2, "SEP": 3, "MASK": 4}
 CONCEPTS, FILLERS, DIM = 24, 40, 512
 NBB = (0.2, 100, 10)
@@ -202,8 +205,7 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def evaluate(root: Path, db: str, ks: list[int], chunk: tuple[int, int], precision: str,
-             release_every: int) -> dict:
+def evaluate(root: Path, db: str, ks: list[int], precision: str, release_every: int) -> dict:
     """All scoring modes on one text db; runs in its own process so the RSS high-water is its own."""
     img_db = ImgDb(root / "img_db", *NBB)
     data = RetrievalDataset([TxtDb(root / f"{db}.db")], img_db)
@@ -212,12 +214,13 @@ def evaluate(root: Path, db: str, ks: list[int], chunk: tuple[int, int], precisi
     head.load_state_dict(torch.load(root / "model" / "rank_head.pt", weights_only=True))
     texts = [data.text(j) for j in range(len(data))]
     scorer = PairScorer(model, head, img_db, data.index.img_keys, texts, pad_id=0,
+                        # A quarter of the 1K images: the image cache, not the set, bounds memory.
                         autocast=make_autocast(precision, torch.device("cpu")), cache_images=256,
                         release_every=release_every)
     n_img, n_txt, txt2img = len(data.index.img_keys), len(data), data.index.txt2img
     out = {"images": n_img, "captions": n_txt, "rss_setup_mb": peak_rss_mb()}
     start = time.perf_counter()
-    sim = unimodal_similarity(scorer, chunk=256)
+    sim = unimodal_similarity(scorer, chunk=STAGE.unimodal_chunk)
     sim_seconds = time.perf_counter() - start
     # The shortlist signal ranked on its own: what the cross-encoder has to improve on.
     out["similarity"] = {"seconds": sim_seconds, "pairs": 0, **recall_at_k(sim, txt2img),
@@ -226,7 +229,7 @@ def evaluate(root: Path, db: str, ks: list[int], chunk: tuple[int, int], precisi
     for k in ks:
         scorer.pairs_scored = 0
         start = time.perf_counter()
-        shortlist = shortlist_rerank(sim, scorer, k, chunk=128)
+        shortlist = shortlist_rerank(sim, scorer, k, chunk=STAGE.rerank_chunk)
         # Texts whose image made the shortlist at all: the shortlist can only lose the others.
         shortlisted = torch.isfinite(shortlist[txt2img, torch.arange(n_txt)]).double().mean().item()
         out[f"shortlist k={k}"] = {"seconds": sim_seconds + time.perf_counter() - start,
@@ -237,7 +240,7 @@ def evaluate(root: Path, db: str, ks: list[int], chunk: tuple[int, int], precisi
     del sim, shortlist
     scorer.pairs_scored = 0
     start = time.perf_counter()
-    full = score_all_pairs(scorer, n_img, n_txt, *chunk)
+    full = score_all_pairs(scorer, n_img, n_txt, *STAGE.chunk)
     out["full"] = {"seconds": time.perf_counter() - start, "pairs": scorer.pairs_scored,
                    **recall_at_k(full, txt2img), "rss_peak_mb": peak_rss_mb()}
     for k, (best_image, best_text) in tops.items():
@@ -289,20 +292,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 x 500 vs 25 x 125, short training")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust when shared)")
-    parser.add_argument("--k", type=int, nargs="+", default=[16],
-                        help="shortlist sizes per text and per image (the eval stage's default: 16)")
+    parser.add_argument("--k", type=int, nargs="+", default=[STAGE.shortlist_k],
+                        help="shortlist sizes per text and per image (default: the eval stage's)")
     # fp32 as the eval stage: under bf16 autocast oneDNN caches a primitive per new block shape, so RSS
     # climbs with the number of blocks (hundreds of MB over a few hundred calls), and bf16 scores tie.
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
-    parser.add_argument("--release-every", type=int, default=8, help="blocks between malloc_trim (0: never)")
+    parser.add_argument("--release-every", type=int, default=STAGE.release_every,
+                        help="blocks between malloc_trim (0: never)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the set and model here")
     parser.add_argument("--evaluate", metavar="DB", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    chunk = (8, 64)  # eval.retrieval.chunk's default
     if args.evaluate:
-        print(json.dumps(evaluate(args.workdir, args.evaluate, args.k, chunk, args.precision,
-                                  args.release_every)))
+        print(json.dumps(evaluate(args.workdir, args.evaluate, args.k, args.precision, args.release_every)))
         return
     n_train, n_test, n_small, steps = (500, 100, 25, 150) if args.quick else (2000, 1000, 250, STEPS)
     with tempfile.TemporaryDirectory(prefix="retrieval-bench-") as tmp:
