@@ -16,21 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import REPO_ROOT
+from pipeline.imports import closure
 
 MANIFEST = "manifest.json"
 
 
-def code_digest(paths: tuple[str, ...]) -> str:
-    """Hash of every .py file under ``paths`` (relative to the repo root): the code a stage runs."""
+def code_digest(module: str, root: Path = REPO_ROOT) -> str:
+    """Hash of the code a stage runs: the sources of its entry ``module``'s import closure within ``root``
+    and the data files those modules declare (pipeline/imports.py), by path and content."""
+    sources, data = closure(root, module)
     h = hashlib.sha256()
-    files: list[Path] = []
-    for rel in paths:
-        p = REPO_ROOT / rel
-        files.extend([p] if p.is_file() else sorted(p.rglob("*.py")))
-    for f in sorted(set(files)):
-        h.update(str(f.relative_to(REPO_ROOT)).encode())
+    for f in [*sources, *data]:
+        h.update(str(f.relative_to(root.resolve())).encode())
         h.update(b"\0")
-        h.update(f.read_bytes())
+        h.update(f.read_bytes() if f.is_file() else b"<missing>")
+        h.update(b"\0")
     return h.hexdigest()
 
 

@@ -70,12 +70,15 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
         raise ValueError(f"unknown stage {target!r}; choose from {', '.join([*STAGES, ALL])}")
     names = _closure(cfg, TERMINAL if target == ALL else (target,))
     planned: dict[str, PlannedStage] = {}
+    digests: dict[str, str] = {}  # per entry module: the per-task stages share theirs
     for name in names:
         spec = STAGES[name]
         inputs = {up: planned[up].key for up in spec.upstream(cfg)}
         subset = cfg.subset(spec.config)
         files = {f: content_digest(f) for f in spec.files(cfg) if f is not None}
-        key = stage_key(name, code_digest(spec.code), subset, inputs, files)
+        if spec.module not in digests:
+            digests[spec.module] = code_digest(spec.module)
+        key = stage_key(name, digests[spec.module], subset, inputs, files)
         forced = force and name == target
         planned[name] = PlannedStage(
             name, key, inputs, subset, cached=store.is_done(name, key) and not forced, force=forced

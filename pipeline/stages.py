@@ -1,8 +1,8 @@
 """The stage registry: what each stage runs, what it reads from the config, and what it depends on.
 
-``code`` lists the source paths whose contents go into the stage's cache key, ``config`` the dotted
-config sections it reads. Changing either reruns the stage and, through the input keys, everything
-downstream of it.
+``config`` lists the dotted config sections a stage reads; the code it runs is the import closure of its
+entry module (``pipeline/imports.py``), computed, never listed. Changing either reruns the stage and,
+through the input keys, everything downstream of it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ class StageSpec:
     name: str
     entry: str  # "module:function" implementing run(ctx) -> StageResult
     config: tuple[str, ...]
-    code: tuple[str, ...]
     upstream: Callable[[PipelineConfig], tuple[str, ...]]
     # User files the stage reads (weights, vocabularies): their contents go into the cache key too.
     files: Callable[[PipelineConfig], tuple[str | None, ...]] = lambda cfg: ()
@@ -30,22 +29,15 @@ class StageSpec:
     cpus: Callable[[PipelineConfig], float] = lambda cfg: 0
     args: tuple[str, ...] = ()  # passed to the entry after the context (the task of a per-task stage)
 
+    @property
+    def module(self) -> str:
+        return self.entry.split(":")[0]
+
     def load(self):
         module, func = self.entry.split(":")
         entry = getattr(importlib.import_module(module), func)
         return lambda ctx: entry(ctx, *self.args)
 
-
-# Each stage hashes the library modules it imports, not all of vlp/, so that adding a later stage's
-# code does not invalidate the outputs of earlier ones.
-_BASE_CODE = ("stages/base.py",)
-_TABLES = "vlp/data/tables.py"
-_IMG_DB = ("vlp/data/img_db.py", "vlp/data/msgpack_codec.py")
-# The pretraining objectives (not iais.py, a finetuning regularizer that lives beside them).
-# Finetuning and evaluation use every library package and the pretraining loop's building blocks.
-_DOWNSTREAM_CODE = (*_BASE_CODE, "vlp", "stages/pretrain", "stages/finetune")
-_OBJECTIVES = tuple(f"vlp/objectives/{m}.py" for m in
-                    ("__init__", "common", "ipot", "itm", "masking", "mlm", "mrc", "mrfr", "mrm"))
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
@@ -54,35 +46,30 @@ STAGES: dict[str, StageSpec] = {
             name="world",
             entry="stages.download.world.stage:run",
             config=("world", "download.datasets"),
-            code=(*_BASE_CODE, "stages/download/world"),
             upstream=lambda cfg: (),
         ),
         StageSpec(
             name="download",
             entry="stages.download.stage:run",
             config=("download",),
-            code=(*_BASE_CODE, _TABLES, "stages/download"),
             upstream=lambda cfg: ("world",) if cfg.download.source == "world" else (),
         ),
         StageSpec(
             name="dedup",
             entry="stages.dedup.stage:run",
             config=("dedup",),
-            code=(*_BASE_CODE, _TABLES, "stages/dedup"),
             upstream=lambda cfg: ("download",),
         ),
         StageSpec(
             name="detector",
             entry="stages.feature_extraction.detector.stage:run",
             config=("features.detector",),
-            code=(*_BASE_CODE, "stages/feature_extraction/detector"),
             upstream=lambda cfg: ("dedup",),
         ),
         StageSpec(
             name="features",
             entry="stages.feature_extraction.stage:run",
             config=("features",),
-            code=(*_BASE_CODE, *_IMG_DB, "stages/feature_extraction"),
             # The world's scene truth feeds the feature-quality probe; the detector stage exists only to
             # train weights when none are configured.
             upstream=lambda cfg: (
@@ -100,8 +87,6 @@ STAGES: dict[str, StageSpec] = {
             name="txtdb",
             entry="stages.txt_db.stage:run",
             config=("txt_db",),
-            code=(*_BASE_CODE, _TABLES, *_IMG_DB, "vlp/data/tokenizer.py", "vlp/data/txt_db.py",
-                  "stages/txt_db"),
             upstream=lambda cfg: ("dedup",),
             files=lambda cfg: (cfg.txt_db.tokenizer,),
         ),
@@ -109,8 +94,6 @@ STAGES: dict[str, StageSpec] = {
             name="pretrain",
             entry="stages.pretrain.stage:run",
             config=("pretrain",),
-            code=(*_BASE_CODE, "vlp/data", "vlp/model", *_OBJECTIVES, "vlp/eval/retrieval.py",
-                  "vlp/distributed.py", "stages/pretrain"),
             upstream=lambda cfg: ("txtdb", "features"),
             files=lambda cfg: (cfg.pretrain.model.init_from_bert,),
         ),
@@ -118,8 +101,6 @@ STAGES: dict[str, StageSpec] = {
             name="karpathy_txtdb",
             entry="stages.finetune.karpathy_txtdb:run",
             config=(),
-            code=(*_BASE_CODE, _TABLES, "vlp/data/tokenizer.py", "vlp/data/txt_db.py", "stages/txt_db",
-                  "stages/finetune/karpathy_txtdb.py"),
             upstream=lambda cfg: ("download", "txtdb"),
         ),
         *(
@@ -128,7 +109,6 @@ STAGES: dict[str, StageSpec] = {
                 entry="stages.finetune.stage:run_task",
                 args=(task,),
                 config=("finetune.common", f"finetune.{task}"),
-                code=_DOWNSTREAM_CODE,
                 upstream=lambda cfg, task=task: finetune_upstream(task),
                 cpus=lambda cfg: cfg.finetune.common.threads,
             )
@@ -138,7 +118,6 @@ STAGES: dict[str, StageSpec] = {
             name="finetune",
             entry="stages.finetune.stage:run",
             config=("finetune.tasks",),
-            code=(*_BASE_CODE, "stages/finetune/stage.py"),
             upstream=lambda cfg: tuple(f"finetune_{task}" for task in cfg.finetune.tasks),
         ),
         *(
@@ -149,8 +128,6 @@ STAGES: dict[str, StageSpec] = {
                 # RefCOCO pools ground-truth boxes with the feature extractor's detector and input size.
                 config=("eval.common", f"eval.splits.{task}")
                 + {"retrieval": ("eval.retrieval",), "refcoco": ("features",)}.get(task, ()),
-                code=(*_DOWNSTREAM_CODE, "stages/eval")
-                + (("stages/feature_extraction",) if task == "refcoco" else ()),
                 upstream=lambda cfg, task=task: eval_upstream(task, cfg.features.detector.weights),
                 files=(lambda cfg: (cfg.features.detector.weights,)) if task == "refcoco"
                 else (lambda cfg: ()),
@@ -162,7 +139,6 @@ STAGES: dict[str, StageSpec] = {
             name="eval",
             entry="stages.eval.stage:run",
             config=("finetune.tasks",),
-            code=(*_BASE_CODE, "stages/eval"),
             upstream=lambda cfg: tuple(f"eval_{task}" for task in cfg.finetune.tasks),
         ),
     )

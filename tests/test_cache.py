@@ -1,6 +1,16 @@
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from pipeline.cache import StageStore, code_digest, stage_key
+from pipeline.config import REPO_ROOT
+from pipeline.imports import closure
+from pipeline.stages import STAGES
 
 
 def test_key_depends_on_every_part():
@@ -10,9 +20,113 @@ def test_key_depends_on_every_part():
                 stage_key("s", "c", {"a": 2}, {"up": "k"}), stage_key("s", "c", {"a": 1}, {"up": "j"})}) == 5
 
 
-def test_code_digest_covers_python_sources():
-    assert code_digest(("pipeline",)) == code_digest(("pipeline",))
-    assert code_digest(("pipeline",)) != code_digest(("stages/base.py",))
+# Repository code a copy of the tree needs; tests, benchmarks and outputs are not stage code.
+_NOT_CODE = shutil.ignore_patterns(".git", ".venv", "work", "tests", "benchmarks", "__pycache__",
+                                   "*.egg-info", ".pytest_cache", ".ruff_cache")
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """A copy of the repository whose modules a test may edit."""
+    root = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT, root, ignore=_NOT_CODE)
+    return root
+
+
+def digests(root: Path) -> dict[str, str]:
+    by_module = {module: code_digest(module, root) for module in {spec.module for spec in STAGES.values()}}
+    return {name: by_module[spec.module] for name, spec in STAGES.items()}
+
+
+def members(root: Path) -> dict[str, set[Path]]:
+    """Every stage's closure: source and declared data files."""
+    out = {}
+    for name, spec in STAGES.items():
+        sources, data = closure(root, spec.module)
+        out[name] = {p.relative_to(root.resolve()) for p in [*sources, *data]}
+    return out
+
+
+def rekeyed(root: Path, before: dict[str, str]) -> set[str]:
+    return {name for name, digest in digests(root).items() if digest != before[name]}
+
+
+def entry_file(root: Path, stage: str) -> Path:
+    return Path(*STAGES[stage].module.split(".")).with_suffix(".py")
+
+
+def test_editing_a_module_rekeys_exactly_the_stages_whose_closure_holds_it(tree):
+    before, closures = digests(tree), members(tree)
+    detectron2 = Path("stages/feature_extraction/detector/detectron2_backend.py")
+    probes = {
+        # What each edit must and must not rekey, independently of how the closure is computed.
+        Path("stages/base.py"): (set(STAGES), set()),
+        entry_file(tree, "world"): ({"world"}, {"download", "dedup"}),
+        Path("stages/download/fetch.py"): ({"download"}, {"world", "dedup"}),
+        Path("vlp/objectives/mlm.py"): ({"pretrain"}, {"world", "download", "dedup", "txtdb", "features"}),
+        Path("vlp/tasks/vqa.py"): ({"finetune_vqa", "eval_vqa"}, {"pretrain", "txtdb"}),
+        # The text-db writer reads the feature store's keys: a drifted hand-written list once missed it.
+        Path("vlp/data/img_db.py"): ({"txtdb", "karpathy_txtdb", "features", "pretrain"}, {"world", "dedup"}),
+        # Imported inside a function (the optional backend is loaded lazily): still code the stage runs.
+        detectron2: ({"features"}, {"pretrain"}),
+    }
+    for rel, (must, must_not) in probes.items():
+        path = tree / rel
+        original = path.read_text()
+        path.write_text(original + "\n# edited\n")
+        changed = rekeyed(tree, before)
+        path.write_text(original)
+        assert changed == {name for name, files in closures.items() if rel in files}, rel
+        assert must <= changed and not (must_not & changed), (rel, changed)
+    assert digests(tree) == before
+
+
+def test_modules_no_stage_imports_change_no_key(tree):
+    before = digests(tree)
+    (tree / "vlp" / "unused_probe.py").write_text("import torch\n")
+    (tree / "pipeline" / "dag.py").write_text((tree / "pipeline" / "dag.py").read_text() + "\n# edited\n")
+    assert rekeyed(tree, before) == set()
+
+
+def test_a_declared_data_file_is_in_the_key_and_an_undeclared_one_is_not(tree):
+    before = digests(tree)
+    _, data = closure(tree, STAGES["world"].module)
+    assert data, "the world stage declares the Flickr30k Entities id lists it reads"
+    (data[0].parent / "unrelated.txt").write_text("x\n")
+    assert rekeyed(tree, before) == set()
+    data[0].write_text(data[0].read_text() + "1000092795\n")
+    assert rekeyed(tree, before) == {"world"}
+
+
+_LOADED = """
+import importlib, json, sys
+roots = tuple(sys.argv[1].split(","))  # the repository's top-level package dirs
+def ours():
+    return {n: m.__file__ for n, m in list(sys.modules.items())
+            if (getattr(m, "__file__", None) or "").startswith(roots)}
+loaded = {}
+for module in sys.argv[2:]:
+    for name in ours():
+        del sys.modules[name]
+    importlib.import_module(module)
+    loaded[module] = sorted(set(ours().values()))
+print(json.dumps(loaded))
+"""
+
+
+def test_the_computed_closure_holds_every_module_an_entry_really_loads():
+    modules = sorted({spec.module for spec in STAGES.values()})
+    root = str(REPO_ROOT.resolve()) + os.sep
+    packages = ",".join(str(p.parent) + os.sep for p in REPO_ROOT.resolve().glob("*/__init__.py"))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run([sys.executable, "-c", _LOADED, packages, *modules], capture_output=True, text=True,
+                         env=env, cwd=REPO_ROOT, timeout=300, check=True)
+    loaded = json.loads(out.stdout.splitlines()[-1])
+    for module in modules:
+        computed = {str(p) for p in closure(REPO_ROOT, module)[0]}
+        assert set(loaded[module]) <= computed, (module, set(loaded[module]) - computed)
+        # Stages never import the pipeline: changing how the graph runs rekeys nothing.
+        assert not any(f.startswith(root + "pipeline" + os.sep) for f in loaded[module]), module
 
 
 def test_commit_is_atomic_and_partial_is_never_done(tmp_path):

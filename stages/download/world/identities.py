@@ -13,6 +13,9 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 ENTITIES_DIR = Path(__file__).resolve().parent / "data" / "flickr30k_entities"
+# Read by this module: part of the world stage's cache key (pipeline/imports.py).
+PACKAGE_DATA = ("data/flickr30k_entities/train.txt", "data/flickr30k_entities/val.txt",
+                "data/flickr30k_entities/test.txt")
 ENTITIES_SPLITS = ("train", "val", "test")
 
 _WEB_HOSTS = (
