@@ -16,7 +16,23 @@ from typing import Any
 
 
 class StageError(RuntimeError):
-    """A failure the user can act on; the CLI prints ``str(err)`` as one line and exits non-zero."""
+    """A failure the user can act on; the CLI prints ``str(err)`` as one line and exits non-zero.
+
+    Stages run in Ray workers, so the error travels back to the driver pickled. Subclasses with their own
+    ``__init__`` signature (FormatError) cannot be rebuilt from ``args`` by the default reduction, and Ray
+    then raises its own unserialisable-exception error instead of this one line: every StageError is
+    rebuilt from its class, message and attributes instead.
+    """
+
+    def __reduce__(self):
+        return _rebuild_stage_error, (type(self), str(self), dict(self.__dict__))
+
+
+def _rebuild_stage_error(cls: type[StageError], message: str, state: dict[str, Any]) -> StageError:
+    err = cls.__new__(cls)
+    RuntimeError.__init__(err, message)
+    err.__dict__.update(state)
+    return err
 
 
 @dataclass

@@ -17,6 +17,25 @@ class DatasetSource(BaseModel):
     # Datasets whose metadata names files rather than URLs (Flickr30k) fetch <image_base_url><filename>.
     image_base_url: str | None = None
 
+    # Every URL is checked when the config loads: a file:// base URL would otherwise only show up as
+    # every image of the dataset failing (bad_scheme), and a typo in a file spec mid-download.
+    @field_validator("files")
+    @classmethod
+    def _http_files(cls, files: dict[str, str]) -> dict[str, str]:
+        for role, spec in files.items():
+            try:
+                check_scheme(spec.partition("#")[0])
+            except ValueError as err:
+                raise ValueError(f"files.{role}: {err}") from None
+        return files
+
+    @field_validator("image_base_url")
+    @classmethod
+    def _http_base(cls, url: str | None) -> str | None:
+        if url is not None:
+            check_scheme(url)
+        return url
+
 
 class DownloadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -36,6 +55,12 @@ class DownloadConfig(BaseModel):
     max_bytes: int = Field(16_000_000, gt=0)  # body size cap
     max_pixels: int = Field(40_000_000, gt=0)  # decompression-bomb cap (width * height)
     max_redirects: int = Field(5, ge=0)
+    # Metadata caps (the largest real file, VG's region descriptions, is ~0.7 GB unpacked): bytes of one
+    # downloaded file or archive, bytes of one extracted member, and an extracted member's size as a
+    # multiple of its archive's (real JSON packs ~10x; a zip bomb packs 1000x).
+    metadata_max_bytes: int = Field(4_000_000_000, gt=0)
+    member_max_bytes: int = Field(8_000_000_000, gt=0)
+    member_max_ratio: float = Field(100.0, gt=1)
 
     @field_validator("mirror_url")
     @classmethod

@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 import zipfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 from urllib.parse import unquote, urlsplit
@@ -34,6 +35,29 @@ _RETRYABLE = TRANSIENT | {TRUNCATED}
 log = logging.getLogger("vlp.download")
 
 
+@dataclass(frozen=True)
+class Caps:
+    """Size caps on metadata (``download.metadata_max_bytes``, ``member_max_bytes``, ``member_max_ratio``)."""
+
+    file_bytes: int = 4_000_000_000
+    member_bytes: int = 8_000_000_000
+    member_ratio: float = 100.0
+
+
+class OverCap(ValueError):
+    """A metadata file or archive member larger than its cap; nothing of it is kept."""
+
+
+def _copy_capped(src: IO[bytes], out: IO[bytes], cap: int, what: str) -> int:
+    written = 0
+    while chunk := src.read(_CHUNK):
+        written += len(chunk)
+        if written > cap:
+            raise OverCap(f"{what} exceeds {cap:,} bytes")
+        out.write(chunk)
+    return written
+
+
 def split_spec(spec: str) -> tuple[str, str | None]:
     """``"<url>#<member>"`` -> (url, member); a plain URL -> (url, None)."""
     url, sep, member = spec.partition("#")
@@ -44,16 +68,17 @@ def _basename(url: str, member: str | None) -> str:
     return PurePosixPath(member if member else unquote(urlsplit(url).path)).name
 
 
-def _stream_to(client: HttpClient, url: str, dest: Path) -> None:
-    """Stream ``url``'s body to ``dest`` (atomically); a body short of its Content-Length is 'truncated'."""
+def _stream_to(client: HttpClient, url: str, dest: Path, cap: int) -> None:
+    """Stream ``url``'s body to ``dest`` (atomically); a body short of its Content-Length is 'truncated',
+    one over ``cap`` bytes (declared or streamed) is refused with OverCap."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f"{dest.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out, client.open(url) as resp:
-            declared, written = resp.length, 0
-            while chunk := resp.read(_CHUNK):
-                out.write(chunk)
-                written += len(chunk)
+            declared = resp.length
+            if declared is not None and declared > cap:
+                raise OverCap(f"the body ({declared:,} bytes declared) exceeds {cap:,} bytes")
+            written = _copy_capped(resp, out, cap, "the body")
             if declared is not None and written < declared:
                 raise FetchError(TRUNCATED, f"got {written} of {declared} bytes")
         os.replace(tmp, dest)
@@ -62,13 +87,15 @@ def _stream_to(client: HttpClient, url: str, dest: Path) -> None:
         raise
 
 
-def _extract(archive: Path, member: str, dest: Path) -> None:
-    """Copy ``member`` out of a zip or tar archive into ``dest`` (atomically); KeyError if it is absent."""
+def _extract(archive: Path, member: str, dest: Path, caps: Caps) -> None:
+    """Copy ``member`` out of a zip or tar archive into ``dest`` (atomically); KeyError if it is absent,
+    OverCap once it grows past ``caps.member_bytes`` or ``caps.member_ratio`` x the archive's size."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    cap = min(caps.member_bytes, int(caps.member_ratio * max(archive.stat().st_size, 1)))
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f"{dest.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out, _open_member(archive, member) as src:
-            shutil.copyfileobj(src, out, _CHUNK)
+            _copy_capped(src, out, cap, f"member (archive of {archive.stat().st_size:,} bytes)")
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -123,11 +150,13 @@ class _ClosingMember:
 class MetadataFetcher:
     """Fetches metadata files for the stage; every failure is a StageError naming dataset, role and URL."""
 
-    def __init__(self, out_dir: Path, client: HttpClient, retries: int, backoff_s: float):
+    def __init__(self, out_dir: Path, client: HttpClient, retries: int, backoff_s: float,
+                 caps: Caps = Caps()):
         self.out_dir = out_dir
         self.client = client
         self.retries = retries
         self.backoff_s = backoff_s
+        self.caps = caps
 
     def fetch_all(self, datasets: dict[str, DatasetSource]) -> dict[str, dict[str, Path]]:
         """{dataset: {role: local path}} for every configured file."""
@@ -161,7 +190,10 @@ class MetadataFetcher:
             raise StageError(f"{where}: {spec!r} names no member after '#'")
         archive = self._archive(where, url)
         try:
-            _extract(archive, member, dest)
+            _extract(archive, member, dest, self.caps)
+        except OverCap as err:
+            raise StageError(f"{where}: member {member!r} of {url}: {err} (download.member_max_bytes / "
+                             "member_max_ratio)") from None
         except KeyError as err:
             raise StageError(f"{where}: archive {url} has no member {member!r} ({err.args[0]})") from None
         except (ValueError, OSError, zipfile.BadZipFile, tarfile.TarError) as err:
@@ -178,7 +210,10 @@ class MetadataFetcher:
 
     def _download(self, where: str, url: str, dest: Path) -> None:
         try:
-            with_retries(lambda: _stream_to(self.client, url, dest), self.retries, self.backoff_s, _RETRYABLE)
+            with_retries(lambda: _stream_to(self.client, url, dest, self.caps.file_bytes), self.retries,
+                         self.backoff_s, _RETRYABLE)
+        except OverCap as err:
+            raise StageError(f"{where}: cannot download {url}: {err} (download.metadata_max_bytes)") from None
         except Exception as err:
             kind = classify(err)
             if kind is None:

@@ -19,11 +19,11 @@ import ray
 from tqdm import tqdm
 
 from stages.base import StageContext, StageError, StageResult
-from stages.download.config import DownloadConfig
+from stages.download.config import DatasetSource, DownloadConfig
 from stages.download.fetch import FetchSettings, fetch_shard
 from stages.download.formats import parse_dataset
 from stages.download.formats.base import ImageRef, Parsed
-from stages.download.metadata import MetadataFetcher
+from stages.download.metadata import Caps, MetadataFetcher
 from stages.download.shards import Shard, commit_shard, discard_partial_files, plan_shards, read_stats
 from stages.download.table_writer import write_tables
 from stages.download.transport import HttpClient
@@ -51,6 +51,17 @@ def _mirror(ctx: StageContext) -> Iterator[str | None]:
     with Mirror(world / "www", faults if faults.is_file() else None) as mirror:
         ctx.log.info("download: serving %s on %s", world / "www", mirror.base_url)
         yield mirror.base_url
+
+
+def _parse(name: str, files: dict[str, Path], source: DatasetSource) -> Parsed:
+    """The dataset's parsed metadata; files that fail to parse are discarded, so that a rerun after the
+    source is fixed downloads them again instead of failing on the kept copy."""
+    try:
+        return parse_dataset(name, files, source)
+    except StageError:
+        for path in files.values():
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _image_refs(parsed: dict[str, Parsed]) -> list[ImageRef]:
@@ -142,10 +153,11 @@ def run(ctx: StageContext) -> StageResult:
     with _mirror(ctx) as mirror_url:
         client = HttpClient(cfg.timeout_s, cfg.max_redirects, mirror_url)
         try:
-            files = MetadataFetcher(out_dir, client, cfg.retries, cfg.backoff_s).fetch_all(cfg.datasets)
+            caps = Caps(cfg.metadata_max_bytes, cfg.member_max_bytes, cfg.member_max_ratio)
+            files = MetadataFetcher(out_dir, client, cfg.retries, cfg.backoff_s, caps).fetch_all(cfg.datasets)
         finally:
             client.close()
-        parsed = {name: parse_dataset(name, files[name], source) for name, source in cfg.datasets.items()}
+        parsed = {name: _parse(name, files[name], source) for name, source in cfg.datasets.items()}
         table_rows = write_tables(out_dir / "tables", parsed.values())
         shards = plan_shards(_image_refs(parsed), cfg.shard_size)
         settings = FetchSettings.from_config(cfg, mirror_url)

@@ -33,18 +33,32 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is allowed")
 
 
-def _utf8_strings(value):
-    """Python 2 byte strings read as latin-1 are their exact bytes; most were typed as UTF-8."""
+def _utf8_strings(value, memo: dict[int, object] | None = None):
+    """Python 2 byte strings read as latin-1 are their exact bytes; most were typed as UTF-8.
+
+    A pickle may reference one list or dict many times (nested, a few bytes per reference): each object
+    is converted once and shared again (``memo``), so the work stays linear in the pickle's size instead
+    of growing with the number of paths through the shared objects.
+    """
     if isinstance(value, str):
         try:
             return value.encode("latin1").decode("utf-8")
         except UnicodeError:
             return value
+    if not isinstance(value, list | dict):
+        return value
+    memo = {} if memo is None else memo
+    if id(value) in memo:
+        return memo[id(value)]
     if isinstance(value, list):
-        return [_utf8_strings(item) for item in value]
-    if isinstance(value, dict):
-        return {_utf8_strings(key): _utf8_strings(item) for key, item in value.items()}
-    return value
+        out: list | dict = []
+        memo[id(value)] = out
+        out.extend(_utf8_strings(item, memo) for item in value)
+    else:
+        out = {}
+        memo[id(value)] = out
+        out.update((_utf8_strings(k, memo), _utf8_strings(v, memo)) for k, v in value.items())
+    return out
 
 
 def _load_refs(path: Path) -> list:
