@@ -7,11 +7,14 @@ A directory without a manifest is never taken for a finished output.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,24 @@ def stage_key(
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+@contextmanager
+def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for the block; the kernel releases it if the process dies, so a
+    killed run never leaves a stale lock. ``on_wait`` is called once if another holder makes us wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class StageStore:
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
@@ -71,6 +92,11 @@ class StageStore:
 
     def partial_dir(self, stage: str, key: str) -> Path:
         return self.workdir / stage / f".partial-{key}"
+
+    def lock(self, stage: str, key: str, on_wait: Callable[[], None] | None = None):
+        """Held while a run computes and commits ``stage``/``key``: two runs on one work dir never write the
+        same partial dir at once; the second waits and then finds the output committed."""
+        return file_lock(self.workdir / stage / f".lock-{key}", on_wait)
 
     def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
         path = self.final_dir(stage, key) / MANIFEST

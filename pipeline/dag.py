@@ -86,7 +86,34 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
     return list(planned.values())
 
 
-@ray.remote(num_cpus=0)
+def _compute(ps: PlannedStage, cfg_data: dict[str, Any], store: StageStore, workdir: Path, run_id: str,
+             tracking_uri: str, start: float) -> dict[str, Any]:
+    """Run the stage into its partial dir and commit it; returns the manifest."""
+    cfg = PipelineConfig.model_validate(cfg_data)
+    out = store.begin(ps.name, ps.key, fresh=ps.force)
+    inputs = {name: store.final_dir(name, key) for name, key in ps.inputs.items()}
+    ctx = StageContext(cfg=cfg, workdir=workdir, out_dir=out, inputs=inputs, mlflow_run_id=run_id,
+                       mlflow_tracking_uri=tracking_uri)
+    log.info("%s: running (key %s)", ps.name, ps.key)
+    result = STAGES[ps.name].load()(ctx)
+    manifest = {
+        "stage": ps.name,
+        "key": ps.key,
+        "inputs": ps.inputs,
+        "config": ps.config,
+        "metrics": result.metrics,
+        "params": result.params,
+        "artifacts": result.artifacts,
+        "seconds": round(time.time() - start, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    store.commit(ps.name, ps.key, manifest)
+    return manifest
+
+
+# max_retries=0: a stage whose process died (SIGBUS on a damaged store, OOM) would only die again, and
+# stages that can resume (download shards, Ray Train) retry their own units of work.
+@ray.remote(num_cpus=0, max_retries=0)
 def _run_stage(
     stage: dict[str, Any],
     cfg_data: dict[str, Any],
@@ -107,31 +134,15 @@ def _run_stage(
             manifest = store.manifest(ps.name, ps.key)
             log.info("%s: cached (key %s), skipping", ps.name, ps.key)
         else:
-            cfg = PipelineConfig.model_validate(cfg_data)
-            out = store.begin(ps.name, ps.key, fresh=ps.force)
-            inputs = {name: store.final_dir(name, key) for name, key in ps.inputs.items()}
-            ctx = StageContext(
-                cfg=cfg,
-                workdir=Path(workdir),
-                out_dir=out,
-                inputs=inputs,
-                mlflow_run_id=run_id,
-                mlflow_tracking_uri=tracking["uri"],
-            )
-            log.info("%s: running (key %s)", ps.name, ps.key)
-            result = STAGES[ps.name].load()(ctx)
-            manifest = {
-                "stage": ps.name,
-                "key": ps.key,
-                "inputs": ps.inputs,
-                "config": ps.config,
-                "metrics": result.metrics,
-                "params": result.params,
-                "artifacts": result.artifacts,
-                "seconds": round(time.time() - start, 3),
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            store.commit(ps.name, ps.key, manifest)
+            # Another invocation on this work dir may be computing the same output: wait for it.
+            with store.lock(ps.name, ps.key, lambda: log.info(
+                    "%s: waiting for another run computing key %s in this work dir", ps.name, ps.key)):
+                manifest = None if ps.force else store.manifest(ps.name, ps.key)
+                if manifest is not None:
+                    log.info("%s: committed by another run meanwhile (key %s), skipping", ps.name, ps.key)
+                    ps.cached = True
+                else:
+                    manifest = _compute(ps, cfg_data, store, Path(workdir), run_id, tracking["uri"], start)
         final = store.final_dir(ps.name, ps.key)
         tracker.log(
             run_id,

@@ -19,7 +19,7 @@ if sys.path and Path(sys.path[0]).resolve() == _HERE:  # run as a script: import
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline.cache import StageStore  # noqa: E402
+from pipeline.cache import StageStore, file_lock  # noqa: E402
 from pipeline.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from pipeline.dag import execute, plan  # noqa: E402
 from pipeline.stages import ALL, STAGES  # noqa: E402
@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("plan: %-10s key %s  %s", ps.name, ps.key, "cached" if ps.cached else "run")
 
     uri = tracking_uri(cfg.tracking.uri, workdir)
-    tracker = Tracker(uri, cfg.tracking.experiment, workdir)
+    # Creating the sqlite store and the experiment is not safe against a second run doing the same.
+    with file_lock(workdir / ".mlflow.lock"):
+        tracker = Tracker(uri, cfg.tracking.experiment, workdir)
     parent = tracker.start_run(
         f"{cfg.name}:{args.stage}", tags={"target": args.stage, "workdir": str(workdir)}
     )

@@ -438,13 +438,31 @@ def test_stage_reason_switches_and_entities_splits(tmp_path):
 def test_stage_warns_when_a_blocked_source_is_absent(tmp_path, caplog):
     root = tmp_path / "download"
     write(pa.Table.from_pylist([vg(1)], schema=IMAGES), root / "images" / "vg" / "shard-00000.parquet")
-    ctx = StageContext(cfg=SimpleNamespace(dedup=DedupConfig(nlvr2_splits=[])), workdir=tmp_path,
-                       out_dir=tmp_path / "out", inputs={"download": root})
+    dev = image("nlvr2", "nlvr2:dev-0-img0", "http://lil.nlp.cornell.edu/nlvr/dev-0-img0.png", "dev")
+    write(pa.Table.from_pylist([dev], schema=IMAGES), root / "images" / "nlvr2" / "shard-00000.parquet")
+    ctx = StageContext(cfg=SimpleNamespace(dedup=DedupConfig()), workdir=tmp_path, out_dir=tmp_path / "out",
+                       inputs={"download": root})
     with caplog.at_level(logging.WARNING):
         result = stage.run(ctx)
     warned = sorted(r.getMessage().split(" images found")[0] for r in caplog.records)
     assert warned == ["dedup: no COCO Karpathy", "dedup: no Flickr30k Entities", "dedup: no RefCOCO"]
-    assert result.metrics["kept.vg"] == 1
+    assert result.metrics["kept.vg"] == 1 and result.metrics["blocklist.urls"] == 1
+
+
+def test_stage_refuses_an_empty_blocklist_when_evaluation_splits_are_configured(tmp_path):
+    # An incomplete download output (no evaluation table or image) once gave an empty blocklist: every
+    # evaluation image would have entered pretraining.
+    root = tmp_path / "download"
+    write(pa.Table.from_pylist([vg(1)], schema=IMAGES), root / "images" / "vg" / "shard-00000.parquet")
+    ctx = StageContext(cfg=SimpleNamespace(dedup=DedupConfig()), workdir=tmp_path, out_dir=tmp_path / "out",
+                       inputs={"download": root})
+    with pytest.raises(StageError) as err:
+        stage.run(ctx)
+    assert str(err.value).startswith(f"{root}: empty blocklist although dedup.flickr30k_entities_splits")
+    none = SimpleNamespace(dedup=DedupConfig(flickr30k_entities_splits=[], coco_karpathy_splits=[],
+                                             refcoco_splits=[], nlvr2_splits=[]))
+    assert stage.run(StageContext(cfg=none, workdir=tmp_path, out_dir=tmp_path / "out2",
+                                  inputs={"download": root})).metrics["kept.vg"] == 1
 
 
 def test_stage_rejects_bad_input_with_one_line(tmp_path):

@@ -127,3 +127,50 @@ def test_a_bad_metadata_record_is_one_line_through_ray_and_is_not_reused_once_fi
     assert not any("Traceback" in line for line in err[-3:])
     dev.write_text(good)
     assert _cli(tmp_path, "--stage", "download") == 0
+
+
+def test_a_truncated_feature_store_is_named_in_one_line_instead_of_sigbus(tmp_path):
+    # D5: reading a truncated data.mdb through LMDB's memory map killed the stage with SIGBUS.
+    import os
+
+    import numpy as np
+
+    from vlp.data.img_db import ImgDb, ImgDbError, ImgDbWriter
+
+    boxes = np.tile(np.array([[0.1, 0.1, 0.5, 0.5, 0.4, 0.4]], np.float32), (10, 1))
+    with ImgDbWriter(tmp_path / "img_db") as writer:
+        for i in range(200):
+            writer.put(f"k{i}", features=np.full((10, 512), i, np.float32), norm_bb=boxes,
+                       conf=np.linspace(1, 0.5, 10).astype(np.float32), soft_labels=np.full((10, 5), 0.2))
+    reader = ImgDb(tmp_path / "img_db")
+    assert float(reader.get("k150").features[0, 0]) == 150.0
+    reader.close()
+    (data,) = (tmp_path / "img_db").rglob("data.mdb")
+    os.truncate(data, data.stat().st_size // 2)
+    with pytest.raises(ImgDbError) as err:
+        ImgDb(tmp_path / "img_db").get("k150")
+    assert "\n" not in str(err.value) and f"{data} is truncated" in str(err.value)
+
+
+@pytest.mark.slow
+def test_concurrent_runs_on_one_work_dir_serialise_and_commit_complete_outputs(tmp_path):
+    # D6: two downloads into one work dir both exited 0 with 4 of 22 shards and no tables/ committed;
+    # D8: two runs on a new work dir raced in MLflow's database setup.
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(REPO_ROOT / "pipeline" / "run.py"), "--config", str(TINY), "--workdir",
+               str(tmp_path), "--stage", "download"]
+    runs = [subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for _ in range(2)]
+    logs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs
+    for stage in ("world", "download"):
+        assert len([p for p in (tmp_path / stage).iterdir() if not p.name.startswith(".")]) == 1, stage
+    (download,) = [p for p in (tmp_path / "download").iterdir() if not p.name.startswith(".")]
+    summary = json.loads((download / "stats" / "summary.json").read_text())
+    assert len(list((download / "images").rglob("shard-*.parquet"))) == summary["shards"] > 1
+    assert (download / "tables" / "captions.parquet").is_file()
+    # Each stage was computed once: the later run waited, then took the committed output.
+    assert sum(log.count("download: committed by another run meanwhile") for log in logs) == 1, logs

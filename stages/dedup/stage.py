@@ -177,6 +177,9 @@ def _metrics(report: dict) -> dict[str, float]:
     return metrics
 
 
+SPLIT_FIELDS = ("flickr30k_entities_splits", "coco_karpathy_splits", "refcoco_splits", "nlvr2_splits")
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg: DedupConfig = ctx.cfg.dedup
     root = ctx.inputs.get("download")
@@ -196,6 +199,11 @@ def run(ctx: StageContext) -> StageResult:
         for src in image_shards(root, corpus):
             _filter_shard(src, out / src.relative_to(root), corpus, image_filter)
     _carry_over(root, out, image_filter.dropped_keys)
+    configured = [f"dedup.{name}" for name in SPLIT_FIELDS if getattr(cfg, name)]
+    if configured and not any(blocklist.counts().values()):
+        # Evaluation images would enter pretraining unnoticed: an incomplete download output looks so.
+        raise StageError(f"{root}: empty blocklist although {', '.join(configured)} name evaluation splits: "
+                         "the download output holds no evaluation table or image")
 
     pq.write_table(pa.Table.from_pylist(image_filter.removed_rows, schema=REMOVED), out / "removed.parquet")
     report = _report(corpora, image_filter, blocklist)
@@ -205,6 +213,5 @@ def run(ctx: StageContext) -> StageResult:
     ctx.log.info("dedup: removed %d pretraining images, kept %d images (%s)", metrics["removed.total"],
                  metrics["kept.total"], ", ".join(f"{k}={v}" for k, v in blocklist.counts().items()))
     params = {"reasons": ",".join(reasons)}
-    params.update({field: ",".join(getattr(cfg, field)) for field in
-                   ("flickr30k_entities_splits", "coco_karpathy_splits", "refcoco_splits", "nlvr2_splits")})
+    params.update({field: ",".join(getattr(cfg, field)) for field in SPLIT_FIELDS})
     return StageResult(metrics=metrics, params=params, artifacts=list(ARTIFACTS))

@@ -343,9 +343,24 @@ def _acquire_env(db_dir: Path) -> lmdb.Environment:
         entry = _shared_envs.get(key)
         if entry is None:
             env = lmdb.open(key, readonly=True, lock=False, readahead=False, create=False)
+            try:
+                _check_complete(env, Path(key))
+            except lmdb.Error:
+                env.close()
+                raise
             entry = _shared_envs[key] = [env, 0]
         entry[1] += 1
         return entry[0]
+
+
+def _check_complete(env: lmdb.Environment, db_dir: Path) -> None:
+    """A data file shorter than its pages is a truncated copy: reading it through the memory map would
+    kill the process with SIGBUS at the first missing page, so it is refused when opened."""
+    data = db_dir / "data.mdb"
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = data.stat().st_size
+    if size < needed:
+        raise lmdb.CorruptedError(f"{data} is truncated: {size:,} bytes, its pages need {needed:,}")
 
 
 def _release_env(db_dir: Path) -> None:
