@@ -1,0 +1,75 @@
+"""The whole stage graph through the real CLI (``--stage all`` on configs/micro.yaml): every stage commits
+through the layouts its consumers read, the MLflow store holds one run per stage, the eval summary covers
+every configured task, and a second invocation is served entirely from cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.cache import StageStore
+from pipeline.config import REPO_ROOT, load_config
+from pipeline.dag import plan
+from pipeline.run import main
+
+pytestmark = pytest.mark.slow
+
+MICRO = REPO_ROOT / "configs" / "micro.yaml"
+
+
+def invoke(workdir: Path, *args: str) -> int:
+    return main(["--config", str(MICRO), "--workdir", str(workdir), "--stage", "all", *args])
+
+
+def runs_by_parent(workdir: Path) -> list[tuple[object, list]]:
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = client.get_experiment_by_name("vlp-pipeline")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return [(p, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]) for p in parents]
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("graph")
+    assert invoke(workdir) == 0
+    return workdir, plan(load_config(MICRO), "all", StageStore(workdir))
+
+
+def test_every_stage_of_the_graph_committed(graph):
+    workdir, stages = graph
+    assert {s.name for s in stages} >= {"world", "download", "dedup", "detector", "features", "txtdb",
+                                         "pretrain", "finetune", "eval"}
+    for stage in stages:
+        assert stage.cached, f"{stage.name} was not committed under the planned key"
+        manifest = json.loads((workdir / stage.name / stage.key / "manifest.json").read_text())
+        assert manifest["inputs"] == stage.inputs
+
+
+def test_mlflow_holds_one_run_per_stage(graph):
+    workdir, stages = graph
+    ((parent, children),) = runs_by_parent(workdir)
+    assert sorted(r.info.run_name for r in children) == sorted(s.name for s in stages)
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["cached"] for r in children} == {"false"}
+
+
+def test_eval_summary_covers_every_configured_task(graph):
+    workdir, stages = graph
+    (evaluation,) = [s for s in stages if s.name == "eval"]
+    summary = json.loads((workdir / "eval" / evaluation.key / "summary.json").read_text())
+    covered = {row["task"].split(" ")[0] for row in summary["tasks"]}
+    assert covered == set(load_config(MICRO).finetune.tasks)
+    for row in summary["tasks"]:
+        assert {"pretrained", "scratch"} <= row["values"].keys(), row
+
+
+def test_a_second_invocation_is_served_from_cache(graph):
+    workdir, stages = graph
+    assert invoke(workdir) == 0
+    _, children = runs_by_parent(workdir)[-1]
+    assert len(children) == len(stages)
+    assert {r.data.tags["cached"] for r in children} == {"true"}
