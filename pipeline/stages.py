@@ -52,7 +52,7 @@ STAGES: dict[str, StageSpec] = {
     for spec in (
         StageSpec(
             name="world",
-            entry="stages.download.world.stage:run",
+            entry="stages.world.stage:run",
             config=("world", "download.datasets"),
             code=(*_BASE_CODE, "stages/download/world"),
             upstream=lambda cfg: (),

@@ -20,7 +20,7 @@ from stages.download.fetch import FetchSettings, decode, fetch_shard
 from stages.download.formats.base import ImageRef
 from stages.download.transport import HttpClient
 from stages.download.urls import to_mirror
-from stages.download.world.mirror import Mirror
+from worldgen.mirror import Mirror
 
 HOST = "img.example.com"
 FAULTS = ("not_found", "flaky_500", "slow", "truncated", "not_image", "bomb", "huge", "redirect_loop")

@@ -11,9 +11,9 @@ import ray
 from pipeline.config import load_config
 from stages.base import StageContext
 from stages.download.stage import run as download
-from stages.download.world.config import WorldConfig
-from stages.download.world.stage import run as build_world
+from stages.world.stage import run as build_world
 from vlp.data.tables import IMAGES
+from worldgen.config import WorldConfig
 
 
 @pytest.fixture(scope="module")

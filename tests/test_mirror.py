@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages.download.world.mirror import BOMB_SIDE, Mirror, canonical_path, mirror_path
+from worldgen.mirror import BOMB_SIDE, Mirror, canonical_path, mirror_path
 
 JPEG = bytes(range(256)) * 40  # 10240 bytes; content is irrelevant to the server
 HUGE_BYTES = 3_000_000

@@ -21,12 +21,12 @@ from pydantic import ValidationError
 
 from pipeline.config import load_config
 from stages.base import StageContext, StageError
-from stages.download.world.build import build_world
-from stages.download.world.config import FAULT_NAMES, WorldConfig
-from stages.download.world.identities import entities_ids
-from stages.download.world.mirror import Mirror, mirror_path
-from stages.download.world.stage import run
-from stages.download.world.truth import compute_truth, flickr_photo_id, normalize_url
+from stages.world.stage import run
+from worldgen.build import build_world
+from worldgen.config import FAULT_NAMES, WorldConfig
+from worldgen.identities import entities_ids
+from worldgen.mirror import Mirror, mirror_path
+from worldgen.truth import compute_truth, flickr_photo_id, normalize_url
 
 DEMO = load_config()
 SOURCES = DEMO.download.datasets

@@ -27,7 +27,7 @@ from stages.download.metadata import MetadataFetcher
 from stages.download.shards import Shard, commit_shard, discard_partial_files, plan_shards, read_stats
 from stages.download.table_writer import write_tables
 from stages.download.transport import HttpClient
-from stages.download.world.mirror import Mirror
+from worldgen.mirror import Mirror
 
 SUMMARY = "stats/summary.json"
 

@@ -57,7 +57,7 @@ class WorldOverlaps(BaseModel):
 
 
 class WorldFaults(BaseModel):
-    """Mirror faults injected on CC, SBU and non-planted VG images (see world/mirror.py)."""
+    """Mirror faults injected on CC, SBU and non-planted VG images (see worldgen/mirror.py)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -30,7 +30,7 @@ FAULTS = ("not_found", "flaky_500", "slow", "truncated", "not_image", "bomb", "h
 BOMB_SIDE = 10_000
 _CHUNK = 1 << 16
 _DEFAULT_PORTS = (":80", ":443")
-_REPO_ROOT = Path(__file__).resolve().parents[3]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
 mimetypes.add_type("text/tab-separated-values", ".tsv")
 mimetypes.add_type("application/jsonl", ".jsonl")
 
@@ -222,7 +222,7 @@ class Mirror:
         cmd = [
             sys.executable,
             "-m",
-            "stages.download.world.mirror",
+            "worldgen.mirror",
             "--root",
             str(self.www_root),
             "--host",
