@@ -29,6 +29,9 @@ class StageSpec:
     # downstream task) share the cluster instead of oversubscribing it.
     cpus: Callable[[PipelineConfig], float] = lambda cfg: 0
     args: tuple[str, ...] = ()  # passed to the entry after the context (the task of a per-task stage)
+    # Whether the graph serves the world stage's output (an input of the stage) on a loopback mirror
+    # while the stage runs, handing it the mirror's base URL as ``ctx.mirror_url``.
+    serves_world: Callable[[PipelineConfig], bool] = lambda cfg: False
 
     def load(self):
         module, func = self.entry.split(":")
@@ -63,6 +66,7 @@ STAGES: dict[str, StageSpec] = {
             config=("download",),
             code=(*_BASE_CODE, _TABLES, "stages/download"),
             upstream=lambda cfg: ("world",) if cfg.download.source == "world" else (),
+            serves_world=lambda cfg: cfg.download.source == "world",
         ),
         StageSpec(
             name="dedup",
