@@ -66,6 +66,8 @@ def test_download_counts_every_fault_under_its_own_type(workdir):
     # The graph served the world on a loopback mirror; its address (a random port) is in no output.
     for text in (manifest, (download / "stats" / "summary.json").read_text()):
         assert "127.0.0.1" not in text
+    errors = pq.read_table(download / "images", columns=["error"]).column("error").to_pylist()
+    assert not [e for e in errors if e and "127.0.0.1" in e]
     for ds, errors in truth["expected_failures"].items():
         for error, n in errors.items():
             assert metrics[f"images.{ds}.failed.{error}"] == n, (ds, error)
