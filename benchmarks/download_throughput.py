@@ -51,7 +51,7 @@ from stages.download.formats.base import ImageRef  # noqa: E402
 from stages.download.shards import plan_shards  # noqa: E402
 from stages.download.stage import run_shards  # noqa: E402
 from stages.download.urls import to_mirror  # noqa: E402
-from stages.download.world.mirror import Mirror  # noqa: E402
+from worldgen.mirror import Mirror  # noqa: E402
 
 HOST = "bench.example.com"
 BASELINE_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("sha256", pa.string()),
@@ -97,7 +97,7 @@ def cpu_seconds() -> dict[str, float]:
     while todo:
         pid = todo.pop()
         _, seconds, cmdline = table[pid]
-        cpu["mirror" if b"stages.download.world.mirror" in cmdline else "ray"] += seconds
+        cpu["mirror" if b"worldgen.mirror" in cmdline else "ray"] += seconds
         todo += children.get(pid, [])
     return cpu
 

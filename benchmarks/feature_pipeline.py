@@ -31,12 +31,12 @@ import torch  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.run import main as run_pipeline  # noqa: E402
-from stages.download.world.scenes import COLOURS, SHAPES, SIZES, TEXTURES  # noqa: E402
 from stages.feature_extraction.decode import decode_image  # noqa: E402
 from stages.feature_extraction.detector.backend import load_backend  # noqa: E402
 from stages.feature_extraction.detector.model import RegionDetector  # noqa: E402
 from stages.feature_extraction.detector.torchvision_backend import save_checkpoint  # noqa: E402
 from stages.feature_extraction.pipeline import detector_input_size, extract, image_shards  # noqa: E402
+from worldgen.scenes import COLOURS, SHAPES, SIZES, TEXTURES  # noqa: E402
 
 SHARD_ROWS = 64
 

@@ -15,12 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from stages.base import StageError
 from stages.dedup.config import DedupConfig
 from stages.download.config import DownloadConfig
-from stages.download.world.config import WorldConfig
 from stages.eval.config import EvalConfig
 from stages.feature_extraction.config import FeatureConfig
 from stages.finetune.config import FinetuneConfig
 from stages.pretrain.config import PretrainConfig
 from stages.txt_db.config import TxtDbConfig
+from worldgen.config import WorldConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from pipeline.config import PipelineConfig
 from pipeline.stages import ALL, STAGES
 from pipeline.tracking import Tracker
 from stages.base import StageContext
+from stages.outputs.world import WorldOutput
+from worldgen.mirror import Mirror
 
 log = logging.getLogger("vlp.pipeline")
 
@@ -86,16 +90,36 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
     return list(planned.values())
 
 
+@contextmanager
+def world_mirror(stage: str, serves_world: bool, inputs: dict[str, Path]) -> Iterator[str | None]:
+    """The base URL of a loopback mirror serving the world output in ``inputs`` (None if not asked for).
+
+    It lives exactly as long as the stage that asked for it, on the node that runs the stage; the
+    stage sees only the URL, as it would a mirror of the real web.
+    """
+    if not serves_world:
+        yield None
+        return
+    if "world" not in inputs:  # a registry bug: serves_world without the world upstream
+        raise ValueError(f"stage {stage!r} asks for the world mirror but does not read the world stage")
+    world = WorldOutput(inputs["world"])
+    with Mirror(world.www, world.faults_file) as mirror:
+        log.info("%s: serving %s on %s", stage, world.www, mirror.base_url)
+        yield mirror.base_url
+
+
 def _compute(ps: PlannedStage, cfg_data: dict[str, Any], store: StageStore, workdir: Path, run_id: str,
              tracking_uri: str, start: float) -> dict[str, Any]:
     """Run the stage into its partial dir and commit it; returns the manifest."""
     cfg = PipelineConfig.model_validate(cfg_data)
     out = store.begin(ps.name, ps.key, fresh=ps.force)
     inputs = {name: store.final_dir(name, key) for name, key in ps.inputs.items()}
-    ctx = StageContext(cfg=cfg, workdir=workdir, out_dir=out, inputs=inputs, mlflow_run_id=run_id,
-                       mlflow_tracking_uri=tracking_uri)
-    log.info("%s: running (key %s)", ps.name, ps.key)
-    result = STAGES[ps.name].load()(ctx)
+    spec = STAGES[ps.name]
+    with world_mirror(ps.name, spec.serves_world(cfg), inputs) as mirror_url:
+        ctx = StageContext(cfg=cfg, workdir=workdir, out_dir=out, inputs=inputs, mlflow_run_id=run_id,
+                           mlflow_tracking_uri=tracking_uri, mirror_url=mirror_url)
+        log.info("%s: running (key %s)", ps.name, ps.key)
+        result = spec.load()(ctx)
     manifest = {
         "stage": ps.name,
         "key": ps.key,

@@ -28,6 +28,9 @@ class StageSpec:
     # downstream task) share the cluster instead of oversubscribing it.
     cpus: Callable[[PipelineConfig], float] = lambda cfg: 0
     args: tuple[str, ...] = ()  # passed to the entry after the context (the task of a per-task stage)
+    # Whether the graph serves the world stage's output (an input of the stage) on a loopback mirror
+    # while the stage runs, handing it the mirror's base URL as ``ctx.mirror_url``.
+    serves_world: Callable[[PipelineConfig], bool] = lambda cfg: False
 
     @property
     def module(self) -> str:
@@ -44,7 +47,7 @@ STAGES: dict[str, StageSpec] = {
     for spec in (
         StageSpec(
             name="world",
-            entry="stages.download.world.stage:run",
+            entry="stages.world.stage:run",
             config=("world", "download.datasets"),
             upstream=lambda cfg: (),
         ),
@@ -53,6 +56,7 @@ STAGES: dict[str, StageSpec] = {
             entry="stages.download.stage:run",
             config=("download",),
             upstream=lambda cfg: ("world",) if cfg.download.source == "world" else (),
+            serves_world=lambda cfg: cfg.download.source == "world",
         ),
         StageSpec(
             name="dedup",

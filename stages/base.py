@@ -43,6 +43,9 @@ class StageContext:
     inputs: dict[str, Path]
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
+    # Base URL of the loopback mirror the graph serves the world on, for a stage whose spec asks for it
+    # (``serves_world``). A random port: never part of a cache key or of a compared output.
+    mirror_url: str | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("vlp.stage"))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

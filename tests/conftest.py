@@ -10,6 +10,34 @@ def _no_external_cluster_or_tracking(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
+@pytest.fixture(scope="session")
+def write_world():
+    """``write_world(out, world) -> WorldOutput``: the world stage's output for a worldgen config, written
+    into ``out`` (created) with the dataset URLs of configs/demo.yaml. Tests build worlds only this way."""
+    from pipeline.config import load_config
+    from stages.base import StageContext
+    from stages.outputs.world import WorldOutput
+    from stages.world.stage import run
+
+    demo = load_config()
+
+    def write(out, world):
+        out.mkdir(parents=True)
+        cfg = demo.model_copy(update={"world": world})
+        run(StageContext(cfg=cfg, workdir=out.parent, out_dir=out, inputs={}))
+        return WorldOutput(out)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def micro_world(write_world, tmp_path_factory):
+    """The micro world (``worldgen.presets.micro``), built once per session; read it, never change it."""
+    from worldgen.presets import micro
+
+    return write_world(tmp_path_factory.mktemp("micro") / "world", micro())
+
+
 _exit_status: list[int] = []
 
 

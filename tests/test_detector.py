@@ -21,14 +21,14 @@ import pytest
 import torch
 
 from stages.base import StageContext, StageError
-from stages.download.world.render import render
-from stages.download.world.scenes import sample_scene
 from stages.feature_extraction.detector.backend import load_backend
 from stages.feature_extraction.detector.config import DetectorConfig, DetectorTrainConfig
 from stages.feature_extraction.detector.model import RegionDetector
 from stages.feature_extraction.detector.stage import run as run_detector_stage
 from stages.feature_extraction.detector.torchvision_backend import TorchvisionBackend, save_checkpoint
 from vlp.data.tables import IMAGES, OBJECTS
+from worldgen.render import render
+from worldgen.scenes import sample_scene
 
 HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
 CLASSES = ["circle", "square", "triangle"]

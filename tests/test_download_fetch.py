@@ -20,7 +20,7 @@ from stages.download.fetch import FetchSettings, decode, fetch_shard
 from stages.download.formats.base import ImageRef
 from stages.download.transport import HttpClient
 from stages.download.urls import to_mirror
-from stages.download.world.mirror import Mirror
+from worldgen.mirror import Mirror
 
 HOST = "img.example.com"
 FAULTS = ("not_found", "flaky_500", "slow", "truncated", "not_image", "bomb", "huge", "redirect_loop")
@@ -111,6 +111,11 @@ def test_every_fault_is_counted_under_its_own_type(world):
     assert "file://" in by_key["cc:scheme:file"]["error"] and "ftp://" in by_key["cc:scheme:ftp"]["error"]
     assert "Content-Length 3000000 exceeds max_bytes" in by_key["cc:fault:huge"]["error"]
     assert "10000x10000" in by_key["cc:fault:bomb"]["error"]
+    # Details read the same in every run: no mirror address (a random port), no object addresses.
+    assert by_key["cc:fault:redirect_loop"]["error"] == (f"redirect loop: https://{HOST}/p/redirect_loop.jpg "
+                                                         f"comes back to <mirror>/{HOST}/p/redirect_loop.jpg")
+    assert by_key["cc:fault:not_image"]["error"] == (
+        "UnidentifiedImageError: cannot identify image file <_io.BytesIO object>")
 
 
 def test_without_retries_a_flaky_server_is_a_5xx(world):

@@ -15,7 +15,7 @@ from stages.base import StageError
 from stages.download.config import DatasetSource
 from stages.download.metadata import ARCHIVES_DIR, MetadataFetcher
 from stages.download.transport import HttpClient
-from stages.download.world.mirror import Mirror
+from worldgen.mirror import Mirror
 
 ZIP_URL = "http://data.example.org/ann/annotations_trainval.zip"
 TAR_URL = "https://data.example.org/sbu/SBUCaptionedPhotoDataset.tar.gz"

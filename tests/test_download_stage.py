@@ -21,7 +21,7 @@ from pipeline.config import PipelineConfig
 from stages.base import StageContext, StageError
 from stages.download.config import DownloadConfig
 from stages.download.stage import run
-from stages.download.world.mirror import Mirror
+from worldgen.mirror import Mirror
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "img.example.com"

@@ -1,19 +1,17 @@
-"""world (tiny) -> download over the loopback mirror: every count agrees with the world's truth.json."""
+"""world (micro) -> download over the loopback mirror the graph serves: every count agrees with truth.json."""
 
 from __future__ import annotations
-
-import json
 
 import pyarrow.parquet as pq
 import pytest
 import ray
 
 from pipeline.config import load_config
-from stages.base import StageContext
+from pipeline.dag import world_mirror
+from stages.base import StageContext, StageError
 from stages.download.stage import run as download
-from stages.download.world.config import WorldConfig
-from stages.download.world.stage import run as build_world
 from vlp.data.tables import IMAGES
+from worldgen.presets import micro
 
 
 @pytest.fixture(scope="module")
@@ -23,26 +21,30 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_download_of_the_tiny_world_matches_truth(ray_cluster, tmp_path):
+def _config():
     cfg = load_config()  # configs/demo.yaml: the official URLs, served by the mirror
-    world_cfg = WorldConfig.tiny()
-    # The tiny world's slow and huge faults sit at 2 s and 3 MB, under the download defaults.
-    assert world_cfg.faults.slow_seconds > 1.0 and world_cfg.faults.huge_bytes > 2_000_000
-    cfg = cfg.model_copy(update={
-        "world": world_cfg,
+    return cfg.model_copy(update={
+        "world": micro(),
         "download": cfg.download.model_copy(update=dict(
-            timeout_s=1.0, retries=1, backoff_s=0.05, max_bytes=2_000_000, shard_size=32,
+            timeout_s=1.0, retries=1, backoff_s=0.05, max_bytes=2_000_000, shard_size=8,
             # 2 tasks x 2 threads: no more simultaneous connects than the mirror's listen backlog (5)
             # takes without a SYN retry, which costs a full second and would trip the 1 s timeout.
             max_tasks_in_flight=2, threads_per_task=2)),
     })
-    world, out = tmp_path / "world", tmp_path / "download"
-    world.mkdir()
-    out.mkdir()
-    build_world(StageContext(cfg=cfg, workdir=tmp_path, out_dir=world, inputs={}))
-    result = download(StageContext(cfg=cfg, workdir=tmp_path, out_dir=out, inputs={"world": world}))
 
-    truth = json.loads((world / "truth.json").read_text())
+
+def test_download_of_the_micro_world_matches_truth(ray_cluster, micro_world, tmp_path):
+    cfg = _config()
+    # The micro world's slow and huge faults sit at 2 s and 3 MB, above the timeout and size cap.
+    assert cfg.world.faults.slow_seconds > 1.0 and cfg.world.faults.huge_bytes > 2_000_000
+    out = tmp_path / "download"
+    out.mkdir()
+    with world_mirror("download", True, {"world": micro_world.root}) as mirror_url:
+        ctx = StageContext(cfg=cfg, workdir=tmp_path, out_dir=out, inputs={"world": micro_world.root},
+                           mirror_url=mirror_url)
+        result = download(ctx)
+
+    truth = micro_world.truth()
     m = result.metrics
     for dataset, n_images in truth["images"].items():
         expected = truth["expected_failures"][dataset]
@@ -56,7 +58,26 @@ def test_download_of_the_tiny_world_matches_truth(ray_cluster, tmp_path):
         table = pq.read_table(out / "images" / dataset, schema=IMAGES)
         keys = table.column("key").to_pylist()
         assert len(keys) == len(set(keys)) == n_images, dataset
+        # The mirror's random port never reaches the committed rows (errors name the published URLs).
+        assert not any(mirror_url in (e or "") for e in table.column("error").to_pylist()), dataset
     task_tables = sorted(p.name for p in (out / "tables").glob("task_*.parquet"))
     assert task_tables == ["task_nlvr2.parquet", "task_refcoco.parquet", "task_snli_ve.parquet",
                            "task_vqa.parquet"]
     assert pq.read_table(out / "tables" / "captions.parquet").num_rows > 0
+
+
+def test_world_mode_without_a_mirror_url_stops_in_one_line_before_writing(micro_world, tmp_path):
+    out = tmp_path / "download"
+    out.mkdir()
+    ctx = StageContext(cfg=_config(), workdir=tmp_path, out_dir=out, inputs={"world": micro_world.root})
+    with pytest.raises(StageError, match=r"^download.source is 'world' but no world mirror URL") as err:
+        download(ctx)
+    assert "\n" not in str(err.value)
+    assert list(out.iterdir()) == []
+
+
+def test_world_mirror_is_served_only_when_asked_for_and_needs_the_world(micro_world):
+    with world_mirror("dedup", False, {}) as url:
+        assert url is None
+    with pytest.raises(ValueError, match="does not read the world stage"), world_mirror("x", True, {}):
+        pass

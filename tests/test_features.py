@@ -22,13 +22,13 @@ from PIL import Image
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.run import main
 from stages.base import StageContext, StageError
-from stages.download.world.scenes import COLOURS, SHAPES, SIZES, TEXTURES
 from stages.feature_extraction.detector.config import DetectorConfig
 from stages.feature_extraction.detector.model import RegionDetector
 from stages.feature_extraction.detector.torchvision_backend import save_checkpoint
 from stages.feature_extraction.stage import run as run_features
 from vlp.data.img_db import ImgDb, compute_num_bb
 from vlp.data.tables import IMAGES
+from worldgen.scenes import COLOURS, SHAPES, SIZES, TEXTURES
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
 # A small detector input and few proposals (fast), and a box rule whose bounds the test detector's NMS

@@ -5,7 +5,11 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,8 +19,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages.download.world.mirror import BOMB_SIDE, Mirror, canonical_path, mirror_path
+from worldgen.mirror import BOMB_SIDE, Mirror, canonical_path, mirror_path
 
+REPO = Path(__file__).resolve().parents[1]
 JPEG = bytes(range(256)) * 40  # 10240 bytes; content is irrelevant to the server
 HUGE_BYTES = 3_000_000
 SLOW_SECONDS = 1.5
@@ -209,3 +214,47 @@ def test_bad_faults_file_fails_to_start(tmp_path):
     bad.write_text(json.dumps({"paths": {"/h/x.jpg": "explode"}}))
     with pytest.raises(RuntimeError, match="did not report its port"), Mirror(tmp_path, bad):
         pass
+
+
+_MIRROR_PARENT = """
+import sys, time
+from pathlib import Path
+from worldgen.mirror import Mirror
+with Mirror(Path(sys.argv[1])) as mirror:
+    print(mirror.pid, mirror.base_url.rsplit(":", 1)[1], flush=True)
+    time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (an unreaped zombie has exited and no longer listens)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_server_dies_with_the_process_that_started_it(tmp_path):
+    (tmp_path / "h").mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", _MIRROR_PARENT, str(tmp_path)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    pid = None
+    try:
+        pid, port = (int(x) for x in parent.stdout.readline().split())
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        parent.kill()  # SIGKILL: no __exit__, no cleanup of any kind
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while _running(pid):
+            assert time.monotonic() < deadline, f"mirror {pid} outlived its SIGKILLed parent"
+            time.sleep(0.05)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+        if pid is not None and _running(pid):  # the orphan of a failed run: do not leave it listening
+            os.kill(pid, signal.SIGKILL)

@@ -18,7 +18,7 @@ from stages.download.formats.base import FormatError
 from stages.download.formats.refcoco import parse_refcoco
 from stages.download.metadata import Caps, MetadataFetcher
 from stages.download.transport import HttpClient
-from stages.download.world.mirror import Mirror
+from worldgen.mirror import Mirror
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
 

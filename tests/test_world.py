@@ -1,4 +1,7 @@
-"""The synthetic world: determinism, real file formats at the demo URLs, planted overlaps and truth."""
+"""The synthetic world: determinism, real file formats at the demo URLs, planted overlaps and truth.
+
+Built from worldgen's micro preset (tests/conftest.py); the demo world is checked for counts and speed.
+"""
 
 from __future__ import annotations
 
@@ -21,33 +24,29 @@ from pydantic import ValidationError
 
 from pipeline.config import load_config
 from stages.base import StageContext, StageError
-from stages.download.world.build import build_world
-from stages.download.world.config import FAULT_NAMES, WorldConfig
-from stages.download.world.identities import entities_ids
-from stages.download.world.mirror import Mirror, mirror_path
-from stages.download.world.stage import run
-from stages.download.world.truth import compute_truth, flickr_photo_id, normalize_url
+from stages.world.stage import run
+from worldgen import identities
+from worldgen.build import build_world
+from worldgen.config import FAULT_NAMES, WorldConfig
+from worldgen.identities import entities_ids
+from worldgen.mirror import Mirror, mirror_path
+from worldgen.presets import micro
+from worldgen.truth import IMAGE_DATASETS, PLANTED_REASON, compute_truth, flickr_photo_id, normalize_url
 
-DEMO = load_config()
+DEMO = load_config()  # configs/demo.yaml: the official URLs the world publishes at
 SOURCES = DEMO.download.datasets
 ENTITY_MARKUP = re.compile(r"\[/EN#(\d+)/([a-z/]+) ([^\]]+)\]")
-
-
-def _run_world(out: Path, world: WorldConfig) -> Path:
-    out.mkdir(parents=True)
-    cfg = DEMO.model_copy(update={"world": world})
-    run(StageContext(cfg=cfg, workdir=out.parent, out_dir=out, inputs={}))
-    return out
+MICRO = micro()
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory) -> Path:
-    return _run_world(tmp_path_factory.mktemp("world") / "a", WorldConfig.tiny())
+def out(micro_world) -> Path:
+    return micro_world.root
 
 
 @pytest.fixture(scope="module")
-def truth(out) -> dict:
-    return json.loads((out / "truth.json").read_text())
+def truth(micro_world) -> dict:
+    return micro_world.truth()
 
 
 def fetch(out: Path, url: str) -> bytes:
@@ -78,10 +77,34 @@ def all_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_same_seed_gives_identical_bytes_and_another_seed_differs(out, tmp_path):
-    again = _run_world(tmp_path / "b", WorldConfig.tiny())
+def test_stage_writes_its_whole_output_layout(micro_world):
+    assert micro_world.missing() == []
+    assert micro_world.faults()["paths"] and len(list(micro_world.scenes())) == sum(
+        micro_world.truth()["images"].values())
+
+
+def test_micro_world_has_every_dataset_overlap_and_fault(truth):
+    assert set(truth["images"]) == set(IMAGE_DATASETS) and all(truth["images"].values())
+    assert all(truth["planted"].values()) and truth["planted"].keys() == PLANTED_REASON.keys()
+    removed = {(ds, reason) for ds, reasons in truth["removed"].items() for reason in reasons}
+    assert {reason for _, reason in removed} == {"coco_id", "flickr_id", "url", "content_hash"}
+    assert all(n == 1 for n in MICRO.faults.counts().values())
+    assert sum(sum(f.values()) for f in truth["expected_failures"].values()) == len(FAULT_NAMES) - 1
+
+
+def test_entities_lists_are_declared_package_data():
+    here = Path(identities.__file__).parent
+    assert all((here / rel).is_file() for rel in identities.PACKAGE_DATA)
+    assert {split: len(ids) for split, ids in entities_ids().items()} == {
+        split: len((here / rel).read_text().split())
+        for split, rel in zip(identities.ENTITIES_SPLITS, identities.PACKAGE_DATA, strict=True)
+    }
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(out, write_world, tmp_path):
+    again = write_world(tmp_path / "b", MICRO).root
     assert all_files(again) == all_files(out)
-    other = _run_world(tmp_path / "c", WorldConfig.tiny(seed=1))
+    other = write_world(tmp_path / "c", micro(seed=1)).root
     assert (other / "truth.json").read_bytes() != (out / "truth.json").read_bytes()
     assert meta(other, "coco", "karpathy") != meta(out, "coco", "karpathy")
 
@@ -140,7 +163,8 @@ def test_scenes_describe_every_image_with_boxes_inside_it(out, truth):
 
 
 def test_coco_captions_instances_and_karpathy(out):
-    cfg = WorldConfig.tiny()
+    cfg = MICRO
+    s = cfg.sizes
     caps = json.loads(meta(out, "coco", "captions_train2014"))
     inst = json.loads(meta(out, "coco", "instances_train2014"))
     assert set(caps) == {"info", "images", "licenses", "annotations"}  # caption files have no categories
@@ -172,7 +196,9 @@ def test_coco_captions_instances_and_karpathy(out):
     assert isinstance(ann["bbox"][0], float) and ann["iscrowd"] == 0
     karpathy = json.loads(meta(out, "coco", "karpathy"))
     splits = Counter(r["split"] for r in karpathy["images"])
-    assert splits == {"train": 24, "restval": 4, "val": 4, "test": 4}
+    restval = s.coco_val2014 - s.karpathy_coco_val - s.karpathy_coco_test
+    assert splits == {"train": s.coco_train2014, "restval": restval, "val": s.karpathy_coco_val,
+                      "test": s.karpathy_coco_test}
     rec = karpathy["images"][0]
     assert set(rec) == {"filepath", "sentids", "filename", "imgid", "split", "sentences", "cocoid"}
     assert set(rec["sentences"][0]) == {"tokens", "raw", "imgid", "sentid"}
@@ -186,7 +212,7 @@ def test_visual_genome_parallel_lists(out):
         for role in ("image_data", "region_descriptions", "objects", "attributes")
     }
     ids = [r["image_id"] for r in files["image_data"]]
-    assert len(ids) == 30 == len(set(ids))
+    assert len(ids) == MICRO.sizes.vg == len(set(ids))
     assert [r["id"] for r in files["region_descriptions"]] == ids  # per-image key is "id" in this file
     assert [r["image_id"] for r in files["objects"]] == ids
     assert [r["image_id"] for r in files["attributes"]] == ids
@@ -206,7 +232,7 @@ def test_cc_and_sbu_text_files(out):
             assert caption == caption.lower() and url.startswith(("http://", "https://"))
     urls = meta(out, "sbu", "urls").decode().splitlines()
     captions = meta(out, "sbu", "captions").decode().splitlines()
-    assert len(urls) == len(captions) == 30
+    assert len(urls) == len(captions) == MICRO.sizes.sbu
     assert all(re.fullmatch(r"http://static\.flickr\.com/\d+/\d+_[0-9a-f]+\.jpg", u) for u in urls)
     archive = tarfile.open(fileobj=io.BytesIO(fetch(out, SOURCES["sbu"].files["urls"].split("#")[0])))
     assert {m.name for m in archive.getmembers() if m.isfile()} == {
@@ -220,13 +246,17 @@ def test_flickr30k_ids_splits_and_entities(out):
         s: [int(x) for x in meta(out, "flickr30k", f"entities_{s}").decode().split()]
         for s in ("train", "val", "test")
     }
-    assert {s: len(ids) for s, ids in lists.items()} == {"train": 20, "val": 5, "test": 5}
+    s = MICRO.sizes
+    assert {split: len(ids) for split, ids in lists.items()} == {
+        "train": s.flickr30k_train, "val": s.flickr30k_val, "test": s.flickr30k_test}
     for split, ids in lists.items():
         assert set(ids) <= set(entities_ids()[split])  # real photo ids from the real split lists
     karpathy = json.loads(meta(out, "flickr30k", "karpathy"))
     assert karpathy["dataset"] == "flickr30k"
     by_split = {r["filename"]: r["split"] for r in karpathy["images"]}
-    assert Counter(by_split.values()) == {"train": 22, "val": 4, "test": 4}
+    karpathy_train = MICRO.flickr30k_images - s.karpathy_flickr30k_val - s.karpathy_flickr30k_test
+    assert Counter(by_split.values()) == {"train": karpathy_train, "val": s.karpathy_flickr30k_val,
+                                          "test": s.karpathy_flickr30k_test}
     assert sorted(int(f[:-4]) for f in by_split) == sorted(i for ids in lists.values() for i in ids)
     # Karpathy test is not Entities test (the real quirk)
     assert {int(f[:-4]) for f, s in by_split.items() if s == "test"} != set(lists["test"])
@@ -317,7 +347,8 @@ def test_refcoco_refs_join_instances_on_train2014(out):
     images_by_split = {
         s: {r["image_id"] for r in refs if r["split"] == s} for s in ("train", "val", "testA", "testB")
     }
-    assert {s: len(v) for s, v in images_by_split.items()} == {"train": 6, "val": 2, "testA": 2, "testB": 2}
+    assert {s: len(v) for s, v in images_by_split.items()} == {
+        s: getattr(MICRO.sizes, f"refcoco_{s}") for s in ("train", "val", "testA", "testB")}
     anns = {a["id"]: a for a in instances["annotations"]}
     coco_anns = {a["id"]: a for a in json.loads(meta(out, "coco", "instances_train2014"))["annotations"]}
     for ref in refs:
@@ -327,7 +358,7 @@ def test_refcoco_refs_join_instances_on_train2014(out):
 
 
 def test_planted_overlaps_match_config_and_the_published_files(out, truth):
-    cfg = WorldConfig.tiny()
+    cfg = MICRO
     o = cfg.overlaps
     assert truth["planted"] == o.model_dump()
     refcoco_eval = cfg.refcoco_eval_images
@@ -373,17 +404,19 @@ def test_planted_overlaps_match_config_and_the_published_files(out, truth):
 
 
 def test_faults_only_on_unplanted_cc_sbu_vg_and_match_truth(out, truth):
-    cfg = WorldConfig.tiny()
+    cfg = MICRO
     spec = json.loads((out / "faults.json").read_text())
     assert spec["slow_seconds"] == cfg.faults.slow_seconds and spec["huge_bytes"] == cfg.faults.huge_bytes
-    assert Counter(spec["paths"].values()) == {name: 1 for name in FAULT_NAMES}
+    assert Counter(spec["paths"].values()) == cfg.faults.counts()
     scenes = {mirror_path(s["url"]): s for s in jsonl((out / "scenes.jsonl").read_bytes())}
     removed_urls = {mirror_path(o["url"]) for o in truth["overlaps"]}
     for path in spec["paths"]:
         assert scenes[path]["dataset"] in ("cc", "sbu", "vg") and path not in removed_urls
         assert (out / "www" / path.lstrip("/")).is_file()
-    assert sum(sum(f.values()) for f in truth["expected_failures"].values()) == len(FAULT_NAMES) - 1
-    assert sum(truth["expected_retried"].values()) == 1
+    counts = cfg.faults.counts()
+    assert sum(sum(f.values()) for f in truth["expected_failures"].values()) == (
+        sum(counts.values()) - counts["flaky_500"])
+    assert sum(truth["expected_retried"].values()) == counts["flaky_500"]
 
 
 def test_mirror_serves_the_world_with_its_faults(out):
@@ -420,7 +453,7 @@ def test_stage_names_a_missing_role(tmp_path):
     datasets = {k: v for k, v in SOURCES.items() if k != "vqa"}
     cfg = DEMO.model_copy(
         update={
-            "world": WorldConfig.tiny(),
+            "world": MICRO,
             "download": DEMO.download.model_copy(update={"datasets": datasets}),
         }
     )

@@ -40,10 +40,11 @@ class DatasetSource(BaseModel):
 class DownloadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # "world": generate the synthetic world and serve it on a loopback mirror (the embedded default);
-    # "web": fetch the configured URLs as they are (or through mirror_url).
+    # "world": fetch from the synthetic world, which the pipeline serves on a loopback mirror (the
+    # embedded default); "web": fetch the configured URLs as they are (or through mirror_url).
     source: Literal["world", "web"] = "world"
-    # When set, every URL http(s)://host/path is fetched as <mirror_url>/host/path (world mode sets it).
+    # Web mode: every URL http(s)://host/path is fetched as <mirror_url>/host/path. (World mode fetches
+    # through the world's mirror the same way; the pipeline hands the stage its URL.)
     mirror_url: str | None = None
     datasets: dict[str, DatasetSource] = Field(default_factory=dict)
     shard_size: int = Field(128, gt=0)  # images per shard: the unit of parallelism and of resume

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 
 from stages.download.urls import BadScheme
@@ -64,7 +65,11 @@ def classify(err: BaseException) -> str | None:
     return None
 
 
+# " at 0x7f..." in an object's repr (PIL: "cannot identify image file <_io.BytesIO object at 0x7f...>")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def describe(err: BaseException) -> str:
-    """A one-line detail for the ``error`` column."""
-    text = " ".join(str(err).split()) or type(err).__name__
+    """A one-line detail for the ``error`` column, the same in every run (no object addresses)."""
+    text = _ADDRESS.sub("", " ".join(str(err).split())) or type(err).__name__
     return text if isinstance(err, FetchError) else f"{type(err).__name__}: {text}"

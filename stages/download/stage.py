@@ -1,8 +1,9 @@
 """The download stage: metadata -> tables, then every corpus's images as resumable Ray shard tasks.
 
-World mode serves the synthetic world's ``www/`` on a loopback mirror and downloads through it; web
-mode fetches the configured URLs (optionally through ``download.mirror_url``). Either way the code
-path is the same. See ``vlp/data/tables.py`` for the output layout.
+Web mode fetches the configured URLs (optionally through ``download.mirror_url``); world mode fetches
+them through the mirror of the synthetic world that the pipeline serves around this stage and names in
+``ctx.mirror_url``. Either way the stage sees a mirror URL and nothing else, and the code path is the
+same. See ``vlp/data/tables.py`` for the output layout.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from stages.download.metadata import Caps, MetadataFetcher
 from stages.download.shards import Shard, commit_shard, discard_partial_files, plan_shards, read_stats
 from stages.download.table_writer import write_tables
 from stages.download.transport import HttpClient
-from stages.download.world.mirror import Mirror
 
 SUMMARY = "stats/summary.json"
 
@@ -38,19 +36,14 @@ def download_shard(out_dir: str, shard: Shard, settings: FetchSettings) -> dict[
     return commit_shard(Path(out_dir), shard, rows, stats)
 
 
-@contextmanager
-def _mirror(ctx: StageContext) -> Iterator[str | None]:
+def _mirror_url(ctx: StageContext) -> str | None:
     cfg: DownloadConfig = ctx.cfg.download
     if cfg.source == "web":
-        yield cfg.mirror_url
-        return
-    world = ctx.inputs.get("world")
-    if world is None:
-        raise StageError("download.source is 'world' but the world stage output is not among the inputs")
-    faults = world / "faults.json"
-    with Mirror(world / "www", faults if faults.is_file() else None) as mirror:
-        ctx.log.info("download: serving %s on %s", world / "www", mirror.base_url)
-        yield mirror.base_url
+        return cfg.mirror_url
+    if ctx.mirror_url is None:
+        raise StageError("download.source is 'world' but no world mirror URL was given to the stage "
+                         "(pipeline/run.py serves the world stage's output and passes its URL)")
+    return ctx.mirror_url
 
 
 def _parse(name: str, files: dict[str, Path], source: DatasetSource) -> Parsed:
@@ -150,20 +143,20 @@ def run(ctx: StageContext) -> StageResult:
     if not cfg.datasets:
         raise StageError("download.datasets is empty: nothing to download")
     out_dir = Path(ctx.out_dir)
-    with _mirror(ctx) as mirror_url:
-        client = HttpClient(cfg.timeout_s, cfg.max_redirects, mirror_url)
-        try:
-            caps = Caps(cfg.metadata_max_bytes, cfg.member_max_bytes, cfg.member_max_ratio)
-            files = MetadataFetcher(out_dir, client, cfg.retries, cfg.backoff_s, caps).fetch_all(cfg.datasets)
-        finally:
-            client.close()
-        parsed = {name: _parse(name, files[name], source) for name, source in cfg.datasets.items()}
-        table_rows = write_tables(out_dir / "tables", parsed.values())
-        shards = plan_shards(_image_refs(parsed), cfg.shard_size)
-        settings = FetchSettings.from_config(cfg, mirror_url)
-        start = time.monotonic()
-        stats, fetched_shards = run_shards(out_dir, shards, settings, cfg.max_tasks_in_flight, ctx.log)
-        fetch_seconds = time.monotonic() - start
+    mirror_url = _mirror_url(ctx)
+    client = HttpClient(cfg.timeout_s, cfg.max_redirects, mirror_url)
+    try:
+        caps = Caps(cfg.metadata_max_bytes, cfg.member_max_bytes, cfg.member_max_ratio)
+        files = MetadataFetcher(out_dir, client, cfg.retries, cfg.backoff_s, caps).fetch_all(cfg.datasets)
+    finally:
+        client.close()
+    parsed = {name: _parse(name, files[name], source) for name, source in cfg.datasets.items()}
+    table_rows = write_tables(out_dir / "tables", parsed.values())
+    shards = plan_shards(_image_refs(parsed), cfg.shard_size)
+    settings = FetchSettings.from_config(cfg, mirror_url)
+    start = time.monotonic()
+    stats, fetched_shards = run_shards(out_dir, shards, settings, cfg.max_tasks_in_flight, ctx.log)
+    fetch_seconds = time.monotonic() - start
 
     by_corpus: dict[str, list[dict[str, Any]]] = {}
     for shard, s in zip(shards, stats, strict=True):

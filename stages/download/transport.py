@@ -23,7 +23,7 @@ from stages.download.errors import (
     classify,
     http_status_type,
 )
-from stages.download.urls import request_target, resolve_redirect, to_mirror
+from stages.download.urls import request_target, resolve_redirect, to_mirror, unmirrored
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 HEADERS = {"User-Agent": "vlp-pipeline/0.1 (research dataset downloader)", "Accept": "*/*"}
@@ -125,7 +125,8 @@ class HttpClient:
                 self._release(resp, key)
                 current = resolve_redirect(current, location, self.mirror_url)
                 if current in seen:
-                    raise FetchError(REDIRECT_LOOP, f"redirect loop: {url} comes back to {current}")
+                    back = unmirrored(current, self.mirror_url)
+                    raise FetchError(REDIRECT_LOOP, f"redirect loop: {url} comes back to {back}")
                 seen.add(current)
                 continue
             if not 200 <= resp.status < 300:

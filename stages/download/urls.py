@@ -48,6 +48,14 @@ def to_mirror(url: str, mirror_url: str | None) -> str:
     return f"{target}?{parts.query}" if parts.query else target
 
 
+def unmirrored(url: str, mirror_url: str | None) -> str:
+    """``url`` with the mirror's base written as ``<mirror>``: how error details name a mirrored URL, so
+    that a mirror's address (a loopback mirror's port changes every run) never reaches the output."""
+    if mirror_url and url.startswith(mirror_url.rstrip("/") + "/"):
+        return "<mirror>" + url[len(mirror_url.rstrip("/")):]
+    return url
+
+
 def request_target(url: str) -> str:
     """The path+query sent on the request line, percent-escaped so http.client accepts it."""
     parts = urlsplit(url)

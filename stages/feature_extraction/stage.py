@@ -32,6 +32,7 @@ from stages.feature_extraction.config import FeatureConfig
 from stages.feature_extraction.detector.backend import load_backend
 from stages.feature_extraction.pipeline import Extraction, extract
 from stages.feature_extraction.probe import load_scenes, probe_store
+from stages.outputs.world import WorldOutput
 from vlp.data.img_db import ImgDb, nbb_sidecar_name
 
 FAILURES = pa.schema(
@@ -69,7 +70,7 @@ def run(ctx: StageContext) -> StageResult:
     try:
         metrics = _extraction_metrics(result, store, store_dir)
         if "world" in ctx.inputs:
-            scenes = load_scenes(ctx.inputs["world"] / "scenes.jsonl", cfg.probe.corpora)
+            scenes = load_scenes(WorldOutput(ctx.inputs["world"]).scenes_file, cfg.probe.corpora)
             metrics |= probe_store(store, scenes, cfg.probe)
         box_counts = list(store.name2nbb.values())
     finally:

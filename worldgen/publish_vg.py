@@ -6,11 +6,11 @@ as the real file does; the planted ones point at blocked COCO eval images or at 
 
 from __future__ import annotations
 
-from stages.download.world.captions import region_phrase, relation_phrase
-from stages.download.world.identities import IdPool
-from stages.download.world.publish_coco import CocoImage
-from stages.download.world.records import World, WorldImage
-from stages.download.world.scenes import SYNSETS
+from worldgen.captions import region_phrase, relation_phrase
+from worldgen.identities import IdPool
+from worldgen.publish_coco import CocoImage
+from worldgen.records import World, WorldImage
+from worldgen.scenes import SYNSETS
 
 VG_MAX_ID = 2_417_997
 VG_URL = "https://cs.stanford.edu/people/rak248"

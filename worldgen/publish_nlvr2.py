@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from stages.download.world.identities import web_url
-from stages.download.world.records import World, WorldImage
-from stages.download.world.tasks_text import nlvr2_statement
+from worldgen.identities import web_url
+from worldgen.records import World, WorldImage
+from worldgen.tasks_text import nlvr2_statement
 
 PAIRS_PER_SET = 4
 NLVR2_SPLITS = ("train", "dev", "test1")

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from itertools import zip_longest
 
-from stages.download.world.captions import cc_text, sbu_text
-from stages.download.world.identities import IdPool, entities_ids, sbu_url, url_variant, web_url
-from stages.download.world.publish_coco import FLICKR_ID_RANGE, CocoImage
-from stages.download.world.publish_nlvr2 import EVAL_SPLITS
-from stages.download.world.records import World, WorldImage
+from worldgen.captions import cc_text, sbu_text
+from worldgen.identities import IdPool, entities_ids, sbu_url, url_variant, web_url
+from worldgen.publish_coco import FLICKR_ID_RANGE, CocoImage
+from worldgen.publish_nlvr2 import EVAL_SPLITS
+from worldgen.records import World, WorldImage
 
 
 def build_cc(

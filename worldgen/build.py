@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from stages.download.world.config import FAULT_NAMES, WorldConfig
-from stages.download.world.mirror import mirror_path
-from stages.download.world.publish_coco import build_coco
-from stages.download.world.publish_flickr import build_flickr30k
-from stages.download.world.publish_nlvr2 import build_nlvr2
-from stages.download.world.publish_vg import build_vg
-from stages.download.world.publish_web import build_cc, build_sbu
-from stages.download.world.records import World
+from worldgen.config import FAULT_NAMES, WorldConfig
+from worldgen.mirror import mirror_path
+from worldgen.publish_coco import build_coco
+from worldgen.publish_flickr import build_flickr30k
+from worldgen.publish_nlvr2 import build_nlvr2
+from worldgen.publish_vg import build_vg
+from worldgen.publish_web import build_cc, build_sbu
+from worldgen.records import World
 
 # Faults go only where a failed download hurts nobody: never on eval, task or planted images.
 FAULT_DATASETS = ("cc", "sbu", "vg")

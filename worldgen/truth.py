@@ -15,9 +15,9 @@ import re
 from collections import Counter
 from urllib.parse import urlsplit
 
-from stages.download.world.identities import ENTITIES_SPLITS
-from stages.download.world.publish_nlvr2 import EVAL_SPLITS
-from stages.download.world.records import World, WorldImage
+from worldgen.identities import ENTITIES_SPLITS
+from worldgen.publish_nlvr2 import EVAL_SPLITS
+from worldgen.records import World, WorldImage
 
 PRETRAIN = ("coco", "vg", "cc", "sbu")
 IMAGE_DATASETS = ("coco", "vg", "cc", "sbu", "flickr30k", "nlvr2")

@@ -3,7 +3,8 @@
 ``GET /<host>/<path>`` serves ``<www root>/<host>/<path>``, so a downloader that rewrites
 ``http(s)://host/path`` to ``<mirror>/host/path`` exercises the same code path as on the real web.
 The server runs as a separate process (``Mirror`` starts it) so that it never competes for the GIL
-with the downloader under test.
+with the downloader under test. It exits when the process that started it dies, even by SIGKILL, so a
+killed run never leaves a mirror listening.
 
 Faults file (JSON): ``{"slow_seconds": s, "huge_bytes": n, "paths": {"/<host>/<path>": fault}}``,
 fault one of ``FAULTS``.
@@ -12,10 +13,12 @@ fault one of ``FAULTS``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import json
 import mimetypes
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -30,7 +33,9 @@ FAULTS = ("not_found", "flaky_500", "slow", "truncated", "not_image", "bomb", "h
 BOMB_SIDE = 10_000
 _CHUNK = 1 << 16
 _DEFAULT_PORTS = (":80", ":443")
-_REPO_ROOT = Path(__file__).resolve().parents[3]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_PARENT_POLL_S = 0.5
 mimetypes.add_type("text/tab-separated-values", ".tsv")
 mimetypes.add_type("application/jsonl", ".jsonl")
 
@@ -199,8 +204,32 @@ class _MirrorServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+def exit_with_parent(parent_pid: int) -> None:
+    """Make this process exit once ``parent_pid`` (its parent) is gone, however it died.
+
+    Linux sends SIGTERM when the parent dies (PR_SET_PDEATHSIG; strictly, when the parent's thread that
+    started us exits, and that thread is inside its ``with Mirror`` block until the block stops us). A
+    thread polling ``getppid()`` covers other systems and a parent that died before the prctl took
+    effect: an orphan is reparented, so its parent id changes.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # no prctl outside Linux: polling alone
+        pass
+
+    def poll() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=poll, name="exit-with-parent", daemon=True).start()
+
+
 class Mirror:
-    """Runs the mirror server in a subprocess for the duration of a ``with`` block."""
+    """Runs the mirror server in a subprocess for the duration of a ``with`` block.
+
+    The server dies with the process that entered the block (see ``exit_with_parent``).
+    """
 
     def __init__(
         self,
@@ -222,13 +251,15 @@ class Mirror:
         cmd = [
             sys.executable,
             "-m",
-            "stages.download.world.mirror",
+            "worldgen.mirror",
             "--root",
             str(self.www_root),
             "--host",
             self.host,
             "--port",
             "0",
+            "--parent-pid",
+            str(os.getpid()),
         ]
         if self.faults_file is not None:
             cmd += ["--faults", str(self.faults_file)]
@@ -238,6 +269,11 @@ class Mirror:
         port = self._read_port()
         self.base_url = f"http://{self.host}:{port}"
         return self
+
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs."""
+        return self._proc.pid if self._proc is not None else None
 
     def _read_port(self) -> int:
         result: list[str] = []
@@ -269,7 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--faults", type=Path, help="faults JSON file")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (our parent) dies")
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        exit_with_parent(args.parent_pid)
     try:
         plan = _FaultPlan(json.loads(args.faults.read_text()) if args.faults else {})
         server = _MirrorServer((args.host, args.port), args.root, plan)

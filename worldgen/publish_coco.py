@@ -8,11 +8,11 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from stages.download.world.captions import distinct_captions, karpathy_tokens, raw_text
-from stages.download.world.identities import IdPool, coco_flickr_url, entities_ids, other_flickr_spelling
-from stages.download.world.records import World, WorldImage
-from stages.download.world.scenes import SHAPES
-from stages.download.world.tasks_text import as_typed, referring_expressions, ten_answers, vqa_questions
+from worldgen.captions import distinct_captions, karpathy_tokens, raw_text
+from worldgen.identities import IdPool, coco_flickr_url, entities_ids, other_flickr_spelling
+from worldgen.records import World, WorldImage
+from worldgen.scenes import SHAPES
+from worldgen.tasks_text import as_typed, referring_expressions, ten_answers, vqa_questions
 
 COCO_MAX_ID = 581_929
 FLICKR_ID_RANGE = (1_000_000_000, 9_999_999_999)

@@ -8,17 +8,17 @@ import random
 from collections import Counter
 from xml.sax.saxutils import escape
 
-from stages.download.world.captions import (
+from worldgen.captions import (
     Caption,
     distinct_captions,
     entities_line,
     karpathy_tokens,
     raw_text,
 )
-from stages.download.world.identities import ENTITIES_SPLITS, entities_ids
-from stages.download.world.records import World, WorldImage
-from stages.download.world.scenes import Scene
-from stages.download.world.tasks_text import parses, snli_hypotheses
+from worldgen.identities import ENTITIES_SPLITS, entities_ids
+from worldgen.records import World, WorldImage
+from worldgen.scenes import Scene
+from worldgen.tasks_text import parses, snli_hypotheses
 
 SNLI_PREMISES_PER_IMAGE = 2
 

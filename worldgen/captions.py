@@ -12,7 +12,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from stages.download.world.scenes import Scene, SceneObject, plural
+from worldgen.scenes import Scene, SceneObject, plural
 
 PUNCT = {",", ".", "!", "?"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")

@@ -6,9 +6,9 @@ import json
 import random
 from dataclasses import dataclass, field
 
-from stages.download.world.config import WorldConfig
-from stages.download.world.render import encode, render
-from stages.download.world.scenes import Scene, sample_scene
+from worldgen.config import WorldConfig
+from worldgen.render import encode, render
+from worldgen.scenes import Scene, sample_scene
 
 
 @dataclass

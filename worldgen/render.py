@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages.download.world.scenes import BACKGROUND_COLOURS, COLOURS, Scene, SceneObject
+from worldgen.scenes import BACKGROUND_COLOURS, COLOURS, Scene, SceneObject
 
 
 def render(scene: Scene, scale: float = 1.0) -> Image.Image:

@@ -1,6 +1,7 @@
 """Config of the synthetic world (the embedded default's miniature internet).
 
-Defaults are the demo world (about 2,500 images); ``WorldConfig.tiny()`` is a small world for tests.
+Defaults are the demo world (about 2,500 images); ``configs/tiny.yaml`` sets a small one for smoke runs
+and ``worldgen.presets.micro()`` the smallest for unit tests.
 Every count is exact: the world publishes exactly these many records, plants exactly these many
 overlaps and injects exactly these many faults, and records them in ``truth.json``.
 """
@@ -57,7 +58,7 @@ class WorldOverlaps(BaseModel):
 
 
 class WorldFaults(BaseModel):
-    """Mirror faults injected on CC, SBU and non-planted VG images (see world/mirror.py)."""
+    """Mirror faults injected on CC, SBU and non-planted VG images (see worldgen/mirror.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -150,52 +151,4 @@ class WorldConfig(BaseModel):
             (s.cc_train + s.cc_val - o.cc_content_hash - o.cc_url)
             + (s.sbu - o.sbu_flickr)
             + (s.vg - o.vg_coco - o.vg_flickr)
-        )
-
-    @classmethod
-    def tiny(cls, seed: int = 0) -> WorldConfig:
-        """A small world (about 30 images per dataset) with every overlap and fault present."""
-        return cls(
-            seed=seed,
-            image_min_side=64,
-            image_max_side=96,
-            sizes=WorldSizes(
-                coco_train2014=24,
-                coco_val2014=12,
-                karpathy_coco_val=4,
-                karpathy_coco_test=4,
-                refcoco_train=6,
-                refcoco_val=2,
-                refcoco_testA=2,
-                refcoco_testB=2,
-                vg=30,
-                vg_with_coco=4,
-                cc_train=30,
-                cc_val=6,
-                sbu=30,
-                flickr30k_train=20,
-                flickr30k_val=5,
-                flickr30k_test=5,
-                karpathy_flickr30k_val=4,
-                karpathy_flickr30k_test=4,
-                snli_ve_dev=4,
-                nlvr2_train=10,
-                nlvr2_dev=6,
-                nlvr2_test1=4,
-            ),
-            overlaps=WorldOverlaps(
-                coco_flickr=3, vg_coco=3, vg_flickr=3, sbu_flickr=3, cc_content_hash=4, cc_url=3
-            ),
-            faults=WorldFaults(
-                not_found=1,
-                flaky_500=1,
-                slow=1,
-                truncated=1,
-                not_image=1,
-                bomb=1,
-                huge=1,
-                redirect_loop=1,
-                slow_seconds=2.0,
-                huge_bytes=3_000_000,
-            ),
         )

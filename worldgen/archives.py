@@ -12,31 +12,33 @@ import io
 import tarfile
 import zipfile
 
-from stages.base import StageError
-from stages.download.config import DatasetSource
+from worldgen.errors import WorldError
 
 _EPOCH_ZIP = (1980, 1, 1, 0, 0, 0)
 _EPOCH_TAR = 1_262_304_000  # 2010-01-01, when the SBU archive was published
 
 
 def place_metadata(
-    metadata: dict[tuple[str, str], bytes | dict[str, bytes]], sources: dict[str, DatasetSource]
+    metadata: dict[tuple[str, str], bytes | dict[str, bytes]], sources: dict[str, dict[str, str]]
 ) -> dict[str, bytes]:
-    """URL -> bytes of every metadata file and archive, for the roles configured in ``sources``."""
+    """URL -> bytes of every metadata file and archive, at the URLs ``sources`` gives each role.
+
+    ``sources``: dataset -> role -> URL, as in ``download.datasets.<dataset>.files`` (named in errors).
+    """
     files: dict[str, bytes] = {}
     archives: dict[str, dict[str, bytes]] = {}
     for (dataset, role), content in sorted(metadata.items()):
-        source = sources.get(dataset)
-        if source is None or role not in source.files:
-            raise StageError(
+        roles = sources.get(dataset)
+        if roles is None or role not in roles:
+            raise WorldError(
                 f"download.datasets.{dataset}.files.{role}: not configured; the world publishes it "
                 f"(configure its URL, e.g. from configs/demo.yaml)"
             )
-        archive_url, has_member, member = source.files[role].partition("#")
+        archive_url, has_member, member = roles[role].partition("#")
         if isinstance(content, dict):
             if has_member:
-                raise StageError(
-                    f"download.datasets.{dataset}.files.{role}: {source.files[role]!r} names a member, "
+                raise WorldError(
+                    f"download.datasets.{dataset}.files.{role}: {roles[role]!r} names a member, "
                     f"but this role is a whole archive"
                 )
             archives.setdefault(archive_url, {}).update(content)
@@ -44,10 +46,10 @@ def place_metadata(
             archives.setdefault(archive_url, {})[member] = content
         else:
             files[archive_url] = content
-    for dataset, source in sorted(sources.items()):
-        for role in sorted(source.files):
+    for dataset, roles in sorted(sources.items()):
+        for role in sorted(roles):
             if (dataset, role) not in metadata:
-                raise StageError(
+                raise WorldError(
                     f"download.datasets.{dataset}.files.{role}: the synthetic world publishes no such file"
                 )
     for url, members in archives.items():
@@ -61,7 +63,7 @@ def pack(url: str, members: dict[str, bytes]) -> bytes:
         return _zip(members)
     if path.endswith((".tar.gz", ".tgz")):
         return _tar_gz(members)
-    raise StageError(f"{url}: archive members are configured, but the URL is neither .zip nor .tar.gz")
+    raise WorldError(f"{url}: archive members are configured, but the URL is neither .zip nor .tar.gz")
 
 
 def _zip(members: dict[str, bytes]) -> bytes:

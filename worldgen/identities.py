@@ -12,11 +12,14 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-ENTITIES_DIR = Path(__file__).resolve().parent / "data" / "flickr30k_entities"
-# Read by this module: part of the world stage's cache key (pipeline/imports.py).
-PACKAGE_DATA = ("data/flickr30k_entities/train.txt", "data/flickr30k_entities/val.txt",
-                "data/flickr30k_entities/test.txt")
 ENTITIES_SPLITS = ("train", "val", "test")
+# The split lists entities_ids() reads, one per split, relative to this module (package data: a stage's
+# cache key hashes them with the code).
+PACKAGE_DATA: tuple[str, ...] = (
+    "data/flickr30k_entities/train.txt",
+    "data/flickr30k_entities/val.txt",
+    "data/flickr30k_entities/test.txt",
+)
 
 _WEB_HOSTS = (
     "i.pinimg.com",
@@ -54,11 +57,11 @@ _OWN_SECRET_SIZES = ("_h", "_k", "_o")
 @cache
 def entities_ids() -> dict[str, tuple[int, ...]]:
     """The real Flickr30k Entities split lists: split -> photo ids in file order."""
-    out = {}
-    for split in ENTITIES_SPLITS:
-        path = ENTITIES_DIR / f"{split}.txt"
-        out[split] = tuple(int(line) for line in path.read_text().split())
-    return out
+    here = Path(__file__).resolve().parent
+    return {
+        split: tuple(int(line) for line in (here / rel).read_text().split())
+        for split, rel in zip(ENTITIES_SPLITS, PACKAGE_DATA, strict=True)
+    }
 
 
 class IdPool:

@@ -10,8 +10,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages.download.world.captions import NUMBER_WORDS, RELATION_WORDS
-from stages.download.world.scenes import COLOURS, SHAPES, SIZES, TEXTURES, Scene, plural
+from worldgen.captions import NUMBER_WORDS, RELATION_WORDS
+from worldgen.scenes import COLOURS, SHAPES, SIZES, TEXTURES, Scene, plural
 
 
 @dataclass(frozen=True)

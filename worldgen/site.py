@@ -1,0 +1,44 @@
+"""The world as a web site: every published file at its mirror path, with its fault plan, truth and scenes.
+
+``publish`` returns all of it in memory; the ``world`` stage only writes it down. Files are keyed by their
+path under the mirror's www root (``<host>/<path>`` of the URL, see ``mirror_path``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worldgen.archives import place_metadata
+from worldgen.build import build_world, faults_spec
+from worldgen.config import WorldConfig
+from worldgen.errors import WorldError
+from worldgen.mirror import mirror_path
+from worldgen.truth import compute_truth
+
+
+@dataclass(frozen=True)
+class Site:
+    files: dict[str, bytes]  # path under the www root -> bytes
+    faults: dict  # the mirror's fault plan (its faults file)
+    truth: dict  # image counts, expected download failures/retries, overlaps dedup must remove
+    scenes: list[dict]  # per published image URL: dataset, key, objects with their boxes
+
+
+def publish(cfg: WorldConfig, sources: dict[str, dict[str, str]], flickr30k_image_base_url: str) -> Site:
+    """Build the world and place it at the URLs of ``sources`` (dataset -> role -> metadata URL)."""
+    world = build_world(cfg, flickr30k_image_base_url)
+    truth = compute_truth(world)
+    by_url = place_metadata(world.metadata, sources)
+    for imgs in world.images.values():
+        for img in imgs:
+            if by_url.setdefault(img.url, img.data) != img.data:
+                raise WorldError(f"world: {img.url} is published twice with different bytes")
+    files: dict[str, bytes] = {}
+    url_at: dict[str, str] = {}
+    for url in sorted(by_url):
+        path = mirror_path(url)
+        if url_at.setdefault(path, url) != url:  # the mirror ignores query and fragment
+            raise WorldError(f"world: {url} and {url_at[path]} map to the same mirror path {path}")
+        files[path.lstrip("/")] = by_url[url]
+    scenes = [img.scene_record() for imgs in world.images.values() for img in imgs]
+    return Site(files=files, faults=faults_spec(world), truth=truth, scenes=scenes)
