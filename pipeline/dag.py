@@ -24,7 +24,8 @@ from pipeline.cache import StageStore, code_digest, content_digest, stage_key
 from pipeline.config import PipelineConfig
 from pipeline.stages import ALL, STAGES
 from pipeline.tracking import Tracker
-from stages.base import StageContext
+from stages.base import StageContext, StageError
+from stages.outputs import StageOutput
 from stages.outputs.world import WorldOutput
 from worldgen.mirror import Mirror
 
@@ -112,8 +113,11 @@ def _compute(ps: PlannedStage, cfg_data: dict[str, Any], store: StageStore, work
              tracking_uri: str, start: float) -> dict[str, Any]:
     """Run the stage into its partial dir and commit it; returns the manifest."""
     cfg = PipelineConfig.model_validate(cfg_data)
-    out = store.begin(ps.name, ps.key, fresh=ps.force)
     inputs = {name: store.final_dir(name, key) for name, key in ps.inputs.items()}
+    for name, directory in inputs.items():
+        _check_complete(STAGES[name].output(directory),
+                        f"input {name!r} is incomplete; recompute it with --stage {name} --force")
+    out = store.begin(ps.name, ps.key, fresh=ps.force)
     spec = STAGES[ps.name]
     with world_mirror(ps.name, spec.serves_world(cfg), inputs) as mirror_url:
         ctx = StageContext(cfg=cfg, workdir=workdir, out_dir=out, inputs=inputs, mlflow_run_id=run_id,
@@ -130,9 +134,18 @@ def _compute(ps: PlannedStage, cfg_data: dict[str, Any], store: StageStore, work
         "artifacts": result.artifacts,
         "seconds": round(time.time() - start, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "layout": {"output": spec.output.__name__, "required": list(spec.output.REQUIRED)},
     }
+    _check_complete(spec.output(out), f"{ps.name}: the stage's output is incomplete, nothing committed")
     store.commit(ps.name, ps.key, manifest)
     return manifest
+
+
+def _check_complete(output: StageOutput, what: str) -> None:
+    lacking = output.missing()
+    if lacking:
+        shown = ", ".join(lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
+        raise StageError(f"{output.root}: {what} (lacks {shown})")
 
 
 # max_retries=0: a stage whose process died (SIGBUS on a damaged store, OOM) would only die again, and

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pipeline.config import PipelineConfig
 from stages.eval.config import eval_upstream
 from stages.finetune.config import TASK_NAMES, finetune_upstream
+from stages.outputs import StageOutput
+from stages.outputs.download import DedupOutput, DownloadOutput
+from stages.outputs.world import WorldOutput
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class StageSpec:
     # Whether the graph serves the world stage's output (an input of the stage) on a loopback mirror
     # while the stage runs, handing it the mirror's base URL as ``ctx.mirror_url``.
     serves_world: Callable[[PipelineConfig], bool] = lambda cfg: False
+    # The output layout the stage declares: checked before it is committed and before a consumer reads it.
+    output: type[StageOutput] = StageOutput
 
     @property
     def module(self) -> str:
@@ -48,12 +53,14 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="world",
             entry="stages.world.stage:run",
+            output=WorldOutput,
             config=("world", "download.datasets"),
             upstream=lambda cfg: (),
         ),
         StageSpec(
             name="download",
             entry="stages.download.stage:run",
+            output=DownloadOutput,
             config=("download",),
             upstream=lambda cfg: ("world",) if cfg.download.source == "world" else (),
             serves_world=lambda cfg: cfg.download.source == "world",
@@ -61,6 +68,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="dedup",
             entry="stages.dedup.stage:run",
+            output=DedupOutput,
             config=("dedup",),
             upstream=lambda cfg: ("download",),
         ),

@@ -174,3 +174,21 @@ def test_concurrent_runs_on_one_work_dir_serialise_and_commit_complete_outputs(t
     assert (download / "tables" / "captions.parquet").is_file()
     # Each stage was computed once: the later run waited, then took the committed output.
     assert sum(log.count("download: committed by another run meanwhile") for log in logs) == 1, logs
+
+
+@pytest.mark.slow
+def test_a_consumer_refuses_an_incomplete_committed_input(tmp_path, capsys):
+    # D7: dedup took a download output holding 4 of 22 shards and no tables/ as complete, and committed
+    # an empty blocklist.
+    assert _cli(tmp_path, "--stage", "download") == 0
+    (download,) = [p for p in (tmp_path / "download").iterdir() if not p.name.startswith(".")]
+    shard = sorted((download / "images" / "cc").glob("shard-*.parquet"))[-1]
+    shard.unlink()
+    capsys.readouterr()
+    assert _cli(tmp_path, "--stage", "dedup") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {download}: input 'download' is incomplete; recompute it with --stage download "
+                   f"--force (lacks {shard.relative_to(download)})")
+    assert not [p for p in (tmp_path / "dedup").iterdir() if not p.name.startswith(".")]
+    assert _cli(tmp_path, "--stage", "download", "--force") == 0 and shard.is_file()
+    assert _cli(tmp_path, "--stage", "dedup") == 0

@@ -1,6 +1,6 @@
 """The blocklist: identity keys of every evaluation image that pretraining must not see.
 
-Built from a download output (layout in vlp/data/tables.py):
+Built from a download output (layout in stages/outputs/download.py):
 - COCO ids: Karpathy val/test (SPLITS scheme "karpathy") and RefCOCO val/testA/testB images;
 - Flickr ids: Flickr30k Entities id lists and the photo ids in the URLs of the blocked COCO images;
 - URLs: normalized URLs of the blocked COCO, Flickr30k and NLVR2 images (failed downloads included,
@@ -19,6 +19,7 @@ from stages.base import StageError
 from stages.dedup.config import DedupConfig
 from stages.dedup.keys import image_keys, key_id
 from stages.dedup.shards import image_shards, open_parquet, read_meta_rows, require_sha256
+from stages.outputs.download import DownloadOutput
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def _key_ids(path: Path, keys: Iterable[str]) -> set[int]:
 
 
 def _split_ids(root: Path, corpus: str, scheme: str, splits: list[str]) -> set[int]:
-    path = root / "tables" / "splits.parquet"
+    path = DownloadOutput(root).table("splits")
     if not splits or not path.exists():
         return set()
     columns = ["corpus", "scheme", "split", "image_key"]
@@ -66,7 +67,7 @@ def _split_ids(root: Path, corpus: str, scheme: str, splits: list[str]) -> set[i
 
 
 def _refcoco_ids(root: Path, splits: list[str]) -> set[int]:
-    path = root / "tables" / "task_refcoco.parquet"
+    path = DownloadOutput(root).task_table("refcoco")
     if not splits or not path.exists():
         return set()
     table = open_parquet(path, ("image_key", "split")).read(columns=["image_key", "split"]).to_pylist()

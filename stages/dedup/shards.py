@@ -1,4 +1,4 @@
-"""Reading the download layout (vlp/data/tables.py) without ever holding more than one shard's images."""
+"""Reading a download output (stages/outputs/download.py), never holding more than one shard's images."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.base import StageError
+from stages.outputs.download import DownloadOutput
 
 # IMAGES columns that identify an image; everything but the encoded bytes.
 META_COLUMNS = ("corpus", "key", "url", "split", "status", "sha256", "coco_id", "flickr_id", "flickr_url")
 
 
 def image_corpora(root: Path) -> list[str]:
-    images = root / "images"
-    return sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
+    return DownloadOutput(root).corpora()
 
 
 def image_shards(root: Path, corpus: str) -> list[Path]:
-    return sorted((root / "images" / corpus).glob("shard-*.parquet"))
+    return DownloadOutput(root).image_shards(corpus)
 
 
 def open_parquet(path: Path, columns: tuple[str, ...]) -> pq.ParquetFile:

@@ -26,6 +26,7 @@ from stages.dedup.blocklist import Blocklist, build_blocklist
 from stages.dedup.config import DedupConfig
 from stages.dedup.keys import REASONS, image_keys
 from stages.dedup.shards import META_COLUMNS, image_corpora, image_shards, open_parquet, require_sha256
+from stages.outputs.download import DedupOutput, DownloadOutput
 from vlp.data.tables import DOWNSTREAM_CORPORA, PRETRAIN_CORPORA
 
 REMOVED = pa.schema(
@@ -39,7 +40,6 @@ REMOVED = pa.schema(
 )
 # Tables whose rows belong to an image (corpus, image_key) and follow it when it is dropped.
 PER_IMAGE_TABLES = ("captions.parquet", "regions.parquet", "objects.parquet")
-ARTIFACTS = ["report.json", "report.md", "removed.parquet"]
 
 
 class _ImageFilter:
@@ -186,7 +186,7 @@ def run(ctx: StageContext) -> StageResult:
     if root is None:
         raise StageError("dedup: missing input 'download'")
     root = Path(root)
-    if not (root / "images").is_dir():
+    if not DownloadOutput(root).images.is_dir():
         raise StageError(f"{root}: not a download output (no images/ folder)")
     out = ctx.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -205,13 +205,16 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"{root}: empty blocklist although {', '.join(configured)} name evaluation splits: "
                          "the download output holds no evaluation table or image")
 
-    pq.write_table(pa.Table.from_pylist(image_filter.removed_rows, schema=REMOVED), out / "removed.parquet")
+    layout = DedupOutput(out)
+    pq.write_table(pa.Table.from_pylist(image_filter.removed_rows, schema=REMOVED), layout.removed_file)
     report = _report(corpora, image_filter, blocklist)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(_report_markdown(report))
+    layout.report_file.write_text(json.dumps(report, indent=2) + "\n")
+    layout.report_markdown.write_text(_report_markdown(report))
     metrics = _metrics(report)
     ctx.log.info("dedup: removed %d pretraining images, kept %d images (%s)", metrics["removed.total"],
                  metrics["kept.total"], ", ".join(f"{k}={v}" for k, v in blocklist.counts().items()))
     params = {"reasons": ",".join(reasons)}
     params.update({field: ",".join(getattr(cfg, field)) for field in SPLIT_FIELDS})
-    return StageResult(metrics=metrics, params=params, artifacts=list(ARTIFACTS))
+    reports = (layout.report_file, layout.report_markdown, layout.removed_file)
+    artifacts = [str(p.relative_to(out)) for p in reports]
+    return StageResult(metrics=metrics, params=params, artifacts=artifacts)

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.outputs.download import DownloadOutput
 from vlp.data.tables import IMAGES
 
 _TMP_SUFFIX = ".tmp"
@@ -33,18 +34,14 @@ class Shard:
     refs: tuple[Any, ...]  # ImageRefs, sorted by key
 
     @property
-    def name(self) -> str:
-        return f"shard-{self.index:05d}"
-
-    @property
     def keys_digest(self) -> str:
         return hashlib.sha256("\n".join(ref.key for ref in self.refs).encode()).hexdigest()
 
     def images_path(self, out_dir: Path) -> Path:
-        return out_dir / "images" / self.corpus / f"{self.name}.parquet"
+        return DownloadOutput(out_dir).shard(self.corpus, self.index)
 
     def stats_path(self, out_dir: Path) -> Path:
-        return out_dir / "stats" / self.corpus / f"{self.name}.json"
+        return DownloadOutput(out_dir).shard_stats(self.corpus, self.index)
 
 
 def plan_shards(refs: list[Any], shard_size: int) -> list[Shard]:

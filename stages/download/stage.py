@@ -26,8 +26,7 @@ from stages.download.metadata import Caps, MetadataFetcher
 from stages.download.shards import Shard, commit_shard, discard_partial_files, plan_shards, read_stats
 from stages.download.table_writer import write_tables
 from stages.download.transport import HttpClient
-
-SUMMARY = "stats/summary.json"
+from stages.outputs.download import DownloadOutput
 
 
 def download_shard(out_dir: str, shard: Shard, settings: FetchSettings) -> dict[str, Any]:
@@ -143,6 +142,7 @@ def run(ctx: StageContext) -> StageResult:
     if not cfg.datasets:
         raise StageError("download.datasets is empty: nothing to download")
     out_dir = Path(ctx.out_dir)
+    layout = DownloadOutput(out_dir)
     mirror_url = _mirror_url(ctx)
     client = HttpClient(cfg.timeout_s, cfg.max_redirects, mirror_url)
     try:
@@ -151,7 +151,7 @@ def run(ctx: StageContext) -> StageResult:
     finally:
         client.close()
     parsed = {name: _parse(name, files[name], source) for name, source in cfg.datasets.items()}
-    table_rows = write_tables(out_dir / "tables", parsed.values())
+    table_rows = write_tables(layout.tables, parsed.values())
     shards = plan_shards(_image_refs(parsed), cfg.shard_size)
     settings = FetchSettings.from_config(cfg, mirror_url)
     start = time.monotonic()
@@ -173,13 +173,13 @@ def run(ctx: StageContext) -> StageResult:
     }
     metrics = _metrics(per_dataset, fetched, fetch_seconds, resumed, len(shards))
     summary["metrics"] = metrics
-    (out_dir / SUMMARY).parent.mkdir(parents=True, exist_ok=True)
-    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=True))
+    layout.summary_file.parent.mkdir(parents=True, exist_ok=True)
+    layout.summary_file.write_text(json.dumps(summary, indent=1, sort_keys=True))
     for corpus, s in per_dataset.items():
         ctx.log.info("download %s: %d ok, %d failed %s, %d retried", corpus, s["ok"],
                      sum(s["failed"].values()), s["failed"], s["retried"])
     return StageResult(
         metrics=metrics,
         params={"download.shards": len(shards)},
-        artifacts=[SUMMARY],
+        artifacts=[str(layout.summary_file.relative_to(out_dir))],
     )
