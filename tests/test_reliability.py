@@ -192,3 +192,15 @@ def test_a_consumer_refuses_an_incomplete_committed_input(tmp_path, capsys):
     assert not [p for p in (tmp_path / "dedup").iterdir() if not p.name.startswith(".")]
     assert _cli(tmp_path, "--stage", "download", "--force") == 0 and shard.is_file()
     assert _cli(tmp_path, "--stage", "dedup") == 0
+
+
+def test_paths_from_config_never_leave_the_work_dir(tmp_path, capsys):
+    # S1: a dataset URL with ../ made the world stage write a file outside the work dir.
+    escape = "https://raw.githubusercontent.com/lil-lab/../../../../escaped/dev.json"
+    assert _cli(tmp_path / "work", "--stage", "world", f"download.datasets.nlvr2.files.dev={escape}") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: world: refusing") and "'..' segments" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["work"] and not list(tmp_path.rglob("escaped"))
+    # Dataset and role names become directory and file names: only plain names are accepted.
+    with pytest.raises(ConfigError, match="download.datasets"):
+        load_config(TINY, ["download.datasets.coco.files.x/../../y=http://x.org/a.json"])

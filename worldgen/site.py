@@ -7,6 +7,7 @@ path under the mirror's www root (``<host>/<path>`` of the URL, see ``mirror_pat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from worldgen.archives import place_metadata
 from worldgen.build import build_world, faults_spec
@@ -37,6 +38,8 @@ def publish(cfg: WorldConfig, sources: dict[str, dict[str, str]], flickr30k_imag
     url_at: dict[str, str] = {}
     for url in sorted(by_url):
         path = mirror_path(url)
+        if {".", ".."} & set(PurePosixPath(path).parts):  # would place a file outside the www root
+            raise WorldError(f"world: refusing {url!r}: its path has '.' or '..' segments")
         if url_at.setdefault(path, url) != url:  # the mirror ignores query and fragment
             raise WorldError(f"world: {url} and {url_at[path]} map to the same mirror path {path}")
         files[path.lstrip("/")] = by_url[url]

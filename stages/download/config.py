@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from stages.download.urls import check_scheme
+
+# Dataset and role names become directory and file names of the download output (metadata/<dataset>/).
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 
 
 class DatasetSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # role -> URL of a metadata file; "<archive url>#<member path>" selects a file inside a .zip/.tar.gz
-    files: dict[str, str]
+    files: dict[Name, str]
     # Datasets whose metadata names files rather than URLs (Flickr30k) fetch <image_base_url><filename>.
     image_base_url: str | None = None
 
@@ -46,7 +49,7 @@ class DownloadConfig(BaseModel):
     # Web mode: every URL http(s)://host/path is fetched as <mirror_url>/host/path. (World mode fetches
     # through the world's mirror the same way; the pipeline hands the stage its URL.)
     mirror_url: str | None = None
-    datasets: dict[str, DatasetSource] = Field(default_factory=dict)
+    datasets: dict[Name, DatasetSource] = Field(default_factory=dict)
     shard_size: int = Field(128, gt=0)  # images per shard: the unit of parallelism and of resume
     threads_per_task: int = Field(16, gt=0)  # concurrent requests inside one Ray shard task
     max_tasks_in_flight: int = Field(4, gt=0)

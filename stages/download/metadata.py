@@ -65,7 +65,9 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _basename(url: str, member: str | None) -> str:
-    return PurePosixPath(member if member else unquote(urlsplit(url).path)).name
+    """The file name a metadata file is kept under ('' when the URL or member names none usable)."""
+    name = PurePosixPath(member if member else unquote(urlsplit(url).path)).name
+    return "" if name in (".", "..") else name
 
 
 def _stream_to(client: HttpClient, url: str, dest: Path, cap: int) -> None:
