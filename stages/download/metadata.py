@@ -198,7 +198,7 @@ class MetadataFetcher:
                              "member_max_ratio)") from None
         except KeyError as err:
             raise StageError(f"{where}: archive {url} has no member {member!r} ({err.args[0]})") from None
-        except (ValueError, OSError, zipfile.BadZipFile, tarfile.TarError) as err:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as err:
             raise StageError(f"{where}: cannot read archive {url}: {describe(err)}") from None
         log.debug("metadata %s/%s: %s from %s", dataset, role, member, url)
         return dest
