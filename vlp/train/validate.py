@@ -1,0 +1,107 @@
+"""Validation of a pretraining run: per-task loss and accuracy on the held-out split, and zero-shot
+image/text retrieval with the ITM head.
+
+Each worker evaluates its own shard of the held-out batches (the same masks at every validation: the
+generators are seeded by batch); the sums of losses and of correct/count are added across workers, so the
+numbers are exact whatever the number of workers. Retrieval splits the images of the score matrix across
+workers and adds the partial matrices. In one process every collective is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vlp import distributed
+from vlp.data.batching import UnitBatchSampler
+from vlp.data.collate import collate
+from vlp.data.img_db import ImgDb
+from vlp.data.pretrain_dataset import ImageTextIndex, PretrainDataset
+from vlp.eval.retrieval import recall_at_k, score_all_pairs
+from vlp.objectives.common import encode
+from vlp.train.device import to_device
+from vlp.train.metrics import MetricSums
+from vlp.train.prepared import prepared_loader
+from vlp.train.pretrain_model import PretrainModel, target_count
+
+Autocast = Callable[[], AbstractContextManager]
+
+
+@torch.no_grad()
+def validate_tasks(model: PretrainModel, tasks: Sequence[str], examples: Dataset,
+                   lengths: tuple[np.ndarray, np.ndarray], max_units: int, seed: int, pad_id: int,
+                   device: torch.device, autocast: Autocast) -> dict[str, float]:
+    """``<loss name>`` (mean over the task's targets) and ``<name>_acc`` of every task, over all workers;
+    ``seed`` is the root seed the validation masks derive from."""
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, float] = {}
+    for task in sorted(tasks):
+        objective = model.objectives[task]
+        sampler = UnitBatchSampler(*lengths, max_units, rank=distributed.rank(),
+                                   world_size=distributed.world_size(), shuffle=False, even_shards=False,
+                                   infinite=False)
+        sums = MetricSums()
+        for batch in prepared_loader(examples, sampler, objective.prepare, seed, f"val/{task}", pad_id):
+            batch = to_device(batch, device)
+            with autocast():
+                out = model(task, batch)
+            sums.add(out, target_count(objective, batch))
+        metrics |= sums.reduced().metrics()
+    model.train(was_training)
+    return dict(sorted(metrics.items()))
+
+
+def retrieval_index(dataset: PretrainDataset) -> tuple[ImageTextIndex, list[torch.Tensor]]:
+    """The image/text index of a retrieval split and each text's input ids ([CLS] ... [SEP])."""
+    index = ImageTextIndex.from_dataset(dataset)
+    texts = [dataset[j]["input_ids"] for j in range(len(dataset))]
+    return index, texts
+
+
+class RetrievalScorer:
+    """ITM score (matched logit minus mismatched) of image x text pairs of one retrieval split."""
+
+    def __init__(self, model: PretrainModel, img_db: ImgDb, index: ImageTextIndex, texts: list[torch.Tensor],
+                 pad_id: int, device: torch.device, autocast: Autocast):
+        self.model, self.img_db, self.index, self.texts = model, img_db, index, texts
+        self.pad_id, self.device, self.autocast = pad_id, device, autocast
+
+    def scores(self, images: Sequence[int], txt_idx: torch.Tensor) -> torch.Tensor:
+        """[len(images), len(txt_idx)] scores; ``images`` index ``index.img_keys``."""
+        examples = []
+        for m in images:
+            key = self.index.img_keys[m]
+            region = self.img_db.get(key)
+            for t in txt_idx.tolist():
+                examples.append({"input_ids": self.texts[t], "img_feat": region.features,
+                                 "img_pos_feat": region.boxes, "img_key": key,
+                                 "txt_id": self.index.txt_ids[t]})
+        batch = to_device(collate(examples, pad_id=self.pad_id), self.device)
+        encoder, head = self.model.encoder, self.model.objectives["itm"].head
+        with self.autocast():
+            logits = head(encoder.pool(encode(encoder, batch))).float()
+        return (logits[:, 1] - logits[:, 0]).view(len(images), txt_idx.numel())
+
+
+@torch.no_grad()
+def zero_shot_retrieval(scorer: RetrievalScorer, chunk: tuple[int, int]) -> dict[str, float]:
+    """Recall@1/5/10 both ways over the full score matrix; workers score interleaved image rows."""
+    was_training = scorer.model.training
+    scorer.model.eval()
+    n_img, n_txt = len(scorer.index.img_keys), len(scorer.index.txt_ids)
+    mine = list(range(distributed.rank(), n_img, distributed.world_size()))
+    matrix = torch.zeros(n_img, n_txt)
+    if mine:
+        def score_fn(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
+            return scorer.scores([mine[i] for i in img_idx.tolist()], txt_idx)
+
+        matrix[mine] = score_all_pairs(score_fn, len(mine), n_txt, *chunk)
+    matrix = distributed.all_reduce_sum(matrix)
+    scorer.model.train(was_training)
+    return recall_at_k(matrix, scorer.index.txt2img)
+
