@@ -2,8 +2,8 @@
 
 Each producing stage declares its output layout once, in ``stages/outputs/<stage>.py``: a frozen dataclass
 around the output dir with one property per path and the loaders a consumer needs. The producer writes
-through it, consumers read through it (``FeaturesOutput(ctx.inputs["features"])``), tests build and check outputs
-through it. A stage never imports another stage's package; ``stages/base.py`` and this package are the
+through it, consumers read through it (``FeaturesOutput(ctx.inputs["features"])``), tests build and check
+outputs through it. A stage never imports another stage's package; ``stages/base.py`` and this package are the
 only shared app code, so a stage's cache key (its import closure) covers the layouts it reads.
 """
 
