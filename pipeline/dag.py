@@ -22,7 +22,7 @@ from pipeline.cache import StageStore, code_digest, content_digest, stage_key
 from pipeline.config import PipelineConfig
 from pipeline.stages import ALL, STAGES
 from pipeline.tracking import Tracker
-from stages.base import StageContext
+from stages.base import MetricLogger, StageContext
 
 log = logging.getLogger("vlp.pipeline")
 
@@ -123,6 +123,7 @@ def _run_stage(
                 "inputs": ps.inputs,
                 "config": ps.config,
                 "metrics": result.metrics,
+                "metric_steps": result.metric_steps,
                 "params": result.params,
                 "artifacts": result.artifacts,
                 "seconds": round(time.time() - start, 3),
@@ -130,9 +131,10 @@ def _run_stage(
             }
             store.commit(ps.name, ps.key, manifest)
         final = store.final_dir(ps.name, ps.key)
+        final_metrics = {**manifest["metrics"], "stage_seconds": manifest["seconds"]}
+        MetricLogger(tracking["uri"], run_id).log(final_metrics, steps=manifest.get("metric_steps"))
         tracker.log(
             run_id,
-            metrics={**manifest["metrics"], "stage_seconds": manifest["seconds"]},
             params={"config": ps.config, "inputs": ps.inputs, **manifest["params"]},
             tags={"cached": str(ps.cached).lower(), "output_dir": str(final)},
         )
