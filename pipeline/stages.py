@@ -74,7 +74,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="detector",
             entry="stages.feature_extraction.detector.stage:run",
-            config=("features.detector",),
+            config=("features.detector", "seed"),
             code=(*_BASE_CODE, "stages/feature_extraction/detector"),
             upstream=lambda cfg: ("dedup",),
         ),
@@ -97,6 +97,15 @@ STAGES: dict[str, StageSpec] = {
             ),
         ),
         StageSpec(
+            name="gt_features",
+            entry="stages.feature_extraction.gt_features:run",
+            config=("features",),
+            code=(*_BASE_CODE, *_IMG_DB, "stages/feature_extraction", "stages/outputs/features.py"),
+            upstream=lambda cfg: ("download",)
+            + (("detector",) if cfg.features.detector.weights is None else ()),
+            files=lambda cfg: (cfg.features.detector.weights,),
+        ),
+        StageSpec(
             name="txtdb",
             entry="stages.txt_db.stage:run",
             config=("txt_db",),
@@ -108,7 +117,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="pretrain",
             entry="stages.pretrain.stage:run",
-            config=("pretrain",),
+            config=("pretrain", "seed", "runtime.precision", "runtime.threads"),
             code=(*_BASE_CODE, "vlp/data", "vlp/model", *_OBJECTIVES, "vlp/eval/retrieval.py",
                   "vlp/distributed.py", "stages/pretrain"),
             upstream=lambda cfg: ("txtdb", "features"),
@@ -116,7 +125,7 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             name="karpathy_txtdb",
-            entry="stages.finetune.karpathy_txtdb:run",
+            entry="stages.txt_db.karpathy:run",
             config=(),
             code=(*_BASE_CODE, _TABLES, "vlp/data/tokenizer.py", "vlp/data/txt_db.py", "stages/txt_db",
                   "stages/finetune/karpathy_txtdb.py"),
@@ -127,16 +136,17 @@ STAGES: dict[str, StageSpec] = {
                 name=f"finetune_{task}",
                 entry="stages.finetune.stage:run_task",
                 args=(task,),
-                config=("finetune.common", f"finetune.{task}"),
+                config=("finetune.common", f"finetune.{task}", "seed", "runtime.precision", "runtime.threads",
+                        "runtime.skip_missing_images"),
                 code=_DOWNSTREAM_CODE,
                 upstream=lambda cfg, task=task: finetune_upstream(task),
-                cpus=lambda cfg: cfg.finetune.common.threads,
+                cpus=lambda cfg: cfg.runtime.threads,
             )
             for task in TASK_NAMES
         ),
         StageSpec(
             name="finetune",
-            entry="stages.finetune.stage:run",
+            entry="stages.finetune.aggregate:run",
             config=("finetune.tasks",),
             code=(*_BASE_CODE, "stages/finetune/stage.py"),
             upstream=lambda cfg: tuple(f"finetune_{task}" for task in cfg.finetune.tasks),
@@ -146,21 +156,18 @@ STAGES: dict[str, StageSpec] = {
                 name=f"eval_{task}",
                 entry="stages.eval.stage:run_task",
                 args=(task,),
-                # RefCOCO pools ground-truth boxes with the feature extractor's detector and input size.
-                config=("eval.common", f"eval.splits.{task}")
-                + {"retrieval": ("eval.retrieval",), "refcoco": ("features",)}.get(task, ()),
+                config=("eval.common", f"eval.splits.{task}", "runtime.eval_precision", "runtime.threads",
+                        "runtime.skip_missing_images") + (("eval.retrieval",) if task == "retrieval" else ()),
                 code=(*_DOWNSTREAM_CODE, "stages/eval")
                 + (("stages/feature_extraction",) if task == "refcoco" else ()),
-                upstream=lambda cfg, task=task: eval_upstream(task, cfg.features.detector.weights),
-                files=(lambda cfg: (cfg.features.detector.weights,)) if task == "refcoco"
-                else (lambda cfg: ()),
-                cpus=lambda cfg: cfg.eval.common.threads,
+                upstream=lambda cfg, task=task: eval_upstream(task),
+                cpus=lambda cfg: cfg.runtime.threads,
             )
             for task in TASK_NAMES
         ),
         StageSpec(
             name="eval",
-            entry="stages.eval.stage:run",
+            entry="stages.eval.aggregate:run",
             config=("finetune.tasks",),
             code=(*_BASE_CODE, "stages/eval"),
             upstream=lambda cfg: tuple(f"eval_{task}" for task in cfg.finetune.tasks),

@@ -1,8 +1,8 @@
 """Detector stage: train the torchvision detector on Visual Genome objects + attributes (cached).
 
 Runs only when ``features.detector.weights`` is unset: the features stage then loads the weights
-this stage writes. Reads dedup's output (input ``dedup``), holds out ``train.val_fraction`` of the VG
-images and writes into ``ctx.out_dir``:
+this stage writes; its seeds derive from the root ``seed``. Reads dedup's output (input ``dedup``), holds
+out ``train.val_fraction`` of the VG images and writes into ``ctx.out_dir``:
 
     detector.pt     the weight file (config architecture + vocabularies inside), see torchvision_backend
     classes.json    {"classes": [...], "attributes": [...], "train_images": n, "heldout_keys": [...]}
@@ -22,6 +22,7 @@ from stages.base import StageContext, StageError, StageResult
 from stages.feature_extraction.detector.data import build_vocabulary, load_vg, split_images
 from stages.feature_extraction.detector.torchvision_backend import TorchvisionBackend, save_checkpoint
 from stages.feature_extraction.detector.train import evaluate, fit
+from vlp.train.seeds import seed_of
 
 WEIGHTS = "detector.pt"
 CLASSES = "classes.json"
@@ -37,7 +38,7 @@ def run(ctx: StageContext) -> StageResult:
         )
     torch.set_num_threads(cfg.train.threads)
     images, skipped = load_vg(ctx.inputs["dedup"])
-    train, heldout = split_images(images, cfg.train)
+    train, heldout = split_images(images, cfg.train, seed_of(ctx.cfg.seed, "detector", "heldout"))
     vocab = build_vocabulary(train, cfg.train)
     if not vocab.classes:
         raise StageError(f"{ctx.inputs['dedup']}: the Visual Genome training images have no named objects")
@@ -50,7 +51,7 @@ def run(ctx: StageContext) -> StageResult:
     )
 
     started = time.perf_counter()
-    model = fit(cfg, train, vocab, lambda epoch, losses: ctx.log_metrics(losses, step=epoch))
+    model = fit(cfg, train, vocab, ctx.cfg.seed, lambda epoch, losses: ctx.log_metrics(losses, step=epoch))
     train_seconds = time.perf_counter() - started
     save_checkpoint(ctx.out_dir / WEIGHTS, cfg, model, vocab.classes, vocab.attributes)
 
