@@ -23,9 +23,10 @@ from stages.base import StageError
 from stages.finetune.config import TrainConfig
 from vlp.model import UniterModel
 from vlp.train.device import to_device
-from vlp.train.evaluate import Autocast, batch_sampler, examples_in, split_loader
+from vlp.train.evaluate import batch_sampler, examples_in, split_loader
 from vlp.train.metrics import MetricSums
 from vlp.train.optim import build_optimizer, clip_gradients
+from vlp.train.precision import Autocast
 from vlp.train.seeds import seed_of
 
 

@@ -8,8 +8,6 @@ named losses (``*_loss``), count sums (``*_correct`` / ``*_count`` / ``*_score_s
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -19,8 +17,7 @@ from torch.utils.data import DataLoader
 from vlp.data.batching import UnitBatchSampler
 from vlp.train.device import to_device
 from vlp.train.metrics import MetricSums
-
-Autocast = Callable[[], AbstractContextManager]
+from vlp.train.precision import Autocast
 
 
 class BatchBudgetError(ValueError):

@@ -9,8 +9,7 @@ workers and adds the partial matrices. In one process every collective is a no-o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,10 +24,9 @@ from vlp.eval.retrieval import recall_at_k, score_all_pairs
 from vlp.objectives.common import encode
 from vlp.train.device import to_device
 from vlp.train.metrics import MetricSums
+from vlp.train.precision import Autocast
 from vlp.train.prepared import prepared_loader
 from vlp.train.pretrain_model import PretrainModel, target_count
-
-Autocast = Callable[[], AbstractContextManager]
 
 
 @torch.no_grad()
