@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from stages.eval.config import RetrievalEvalConfig  # noqa: E402
 from stages.finetune.config import TrainConfig  # noqa: E402
-from stages.finetune.loop import fit, make_autocast  # noqa: E402
+from stages.finetune.loop import fit  # noqa: E402
 from vlp.data.img_db import ImgDb, ImgDbWriter  # noqa: E402
 from vlp.data.txt_db import TxtDb, TxtDbWriter  # noqa: E402
 from vlp.eval.retrieval import recall_at_k, score_all_pairs, shortlist_rerank  # noqa: E402
@@ -60,6 +60,7 @@ from vlp.tasks.retrieval import (  # noqa: E402
     text_only,
     unimodal_similarity,
 )
+from vlp.train.precision import mixed_precision  # noqa: E402
 
 # The eval stage's chunk sizes, shortlist size and heap release, so the benchmark scores as it does.
 STAGE = RetrievalEvalConfig()
@@ -172,7 +173,7 @@ def train(root: Path, steps: int, precision: str) -> dict:
     align_concept_words(model, np.load(root / "prototypes.npy"))
     head = WithUnimodalAlignment(Retrieval(model.config, hard_negatives=HARD), weight=ITC_WEIGHT)
     device = torch.device("cpu")
-    autocast = make_autocast(precision, device)
+    autocast = mixed_precision(precision, device, loss_scaling=False)
     scorer = PairScorer(model, head.head, img_db, val.index.img_keys, [val.text(j) for j in range(len(val))],
                         pad_id=0, autocast=autocast)
     n_img, n_txt = len(val.index.img_keys), len(val)
@@ -215,8 +216,8 @@ def evaluate(root: Path, db: str, ks: list[int], precision: str, release_every: 
     texts = [data.text(j) for j in range(len(data))]
     scorer = PairScorer(model, head, img_db, data.index.img_keys, texts, pad_id=0,
                         # A quarter of the 1K images: the image cache, not the set, bounds memory.
-                        autocast=make_autocast(precision, torch.device("cpu")), cache_images=256,
-                        release_every=release_every)
+                        autocast=mixed_precision(precision, torch.device("cpu"), loss_scaling=False),
+                        cache_images=256, release_every=release_every)
     n_img, n_txt, txt2img = len(data.index.img_keys), len(data), data.index.txt2img
     out = {"images": n_img, "captions": n_txt, "rss_setup_mb": peak_rss_mb()}
     start = time.perf_counter()

@@ -20,6 +20,7 @@ from stages.feature_extraction.config import FeatureConfig
 from stages.finetune.config import FinetuneConfig
 from stages.pretrain.config import PretrainConfig
 from stages.txt_db.config import TxtDbConfig
+from vlp.train.runtime import RuntimeConfig
 from worldgen.config import WorldConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +50,8 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "demo"
+    # The root seed every stage derives its seeds from (vlp.train.seeds.seed_of): detector training,
+    # pretraining, finetuning. The world has its own (world.seed): it is data, not a training run.
     seed: int = 0
     world: WorldConfig = Field(default_factory=WorldConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
@@ -58,6 +61,7 @@ class PipelineConfig(BaseModel):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -24,7 +24,7 @@ from pipeline.cache import StageStore, code_digest, content_digest, stage_key
 from pipeline.config import PipelineConfig
 from pipeline.stages import ALL, STAGES
 from pipeline.tracking import Tracker
-from stages.base import StageContext, StageError
+from stages.base import MetricLogger, StageContext, StageError
 from stages.outputs import StageOutput
 from stages.outputs.world import WorldOutput
 from worldgen.mirror import Mirror
@@ -130,6 +130,7 @@ def _compute(ps: PlannedStage, cfg_data: dict[str, Any], store: StageStore, work
         "inputs": ps.inputs,
         "config": ps.config,
         "metrics": result.metrics,
+        "metric_steps": result.metric_steps,
         "params": result.params,
         "artifacts": result.artifacts,
         "seconds": round(time.time() - start, 3),
@@ -181,9 +182,10 @@ def _run_stage(
                 else:
                     manifest = _compute(ps, cfg_data, store, Path(workdir), run_id, tracking["uri"], start)
         final = store.final_dir(ps.name, ps.key)
+        final_metrics = {**manifest["metrics"], "stage_seconds": manifest["seconds"]}
+        MetricLogger(tracking["uri"], run_id).log(final_metrics, steps=manifest.get("metric_steps"))
         tracker.log(
             run_id,
-            metrics={**manifest["metrics"], "stage_seconds": manifest["seconds"]},
             params={"config": ps.config, "inputs": ps.inputs, **manifest["params"]},
             tags={"cached": str(ps.cached).lower(), "output_dir": str(final)},
         )

@@ -15,7 +15,13 @@ from pipeline.config import PipelineConfig
 from stages.eval.config import eval_upstream
 from stages.finetune.config import TASK_NAMES, finetune_upstream
 from stages.outputs import StageOutput
+from stages.outputs.detector import DetectorOutput
 from stages.outputs.download import DedupOutput, DownloadOutput
+from stages.outputs.eval import EvalOutput, SummaryOutput
+from stages.outputs.features import FeaturesOutput
+from stages.outputs.finetune import FinetuneIndexOutput, FinetuneOutput
+from stages.outputs.pretrain import PretrainOutput
+from stages.outputs.txt_db import TxtDbOutput
 from stages.outputs.world import WorldOutput
 
 
@@ -74,12 +80,14 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             name="detector",
+            output=DetectorOutput,
             entry="stages.feature_extraction.detector.stage:run",
-            config=("features.detector",),
+            config=("features.detector", "seed"),
             upstream=lambda cfg: ("dedup",),
         ),
         StageSpec(
             name="features",
+            output=FeaturesOutput,
             entry="stages.feature_extraction.stage:run",
             config=("features",),
             # The world's scene truth feeds the feature-quality probe; the detector stage exists only to
@@ -96,7 +104,17 @@ STAGES: dict[str, StageSpec] = {
             ),
         ),
         StageSpec(
+            name="gt_features",
+            output=FeaturesOutput,
+            entry="stages.feature_extraction.gt_features:run",
+            config=("features",),
+            upstream=lambda cfg: ("download",)
+            + (("detector",) if cfg.features.detector.weights is None else ()),
+            files=lambda cfg: (cfg.features.detector.weights,),
+        ),
+        StageSpec(
             name="txtdb",
+            output=TxtDbOutput,
             entry="stages.txt_db.stage:run",
             config=("txt_db",),
             upstream=lambda cfg: ("dedup",),
@@ -104,52 +122,56 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             name="pretrain",
+            output=PretrainOutput,
             entry="stages.pretrain.stage:run",
-            config=("pretrain",),
+            config=("pretrain", "seed", "runtime.precision", "runtime.threads"),
             upstream=lambda cfg: ("txtdb", "features"),
             files=lambda cfg: (cfg.pretrain.model.init_from_bert,),
         ),
         StageSpec(
             name="karpathy_txtdb",
-            entry="stages.finetune.karpathy_txtdb:run",
+            output=TxtDbOutput,
+            entry="stages.txt_db.karpathy:run",
             config=(),
             upstream=lambda cfg: ("download", "txtdb"),
         ),
         *(
             StageSpec(
                 name=f"finetune_{task}",
+                output=FinetuneOutput,
                 entry="stages.finetune.stage:run_task",
                 args=(task,),
-                config=("finetune.common", f"finetune.{task}"),
+                config=("finetune.common", f"finetune.{task}", "seed", "runtime.precision", "runtime.threads",
+                        "runtime.skip_missing_images"),
                 upstream=lambda cfg, task=task: finetune_upstream(task),
-                cpus=lambda cfg: cfg.finetune.common.threads,
+                cpus=lambda cfg: cfg.runtime.threads,
             )
             for task in TASK_NAMES
         ),
         StageSpec(
             name="finetune",
-            entry="stages.finetune.stage:run",
+            output=FinetuneIndexOutput,
+            entry="stages.finetune.aggregate:run",
             config=("finetune.tasks",),
             upstream=lambda cfg: tuple(f"finetune_{task}" for task in cfg.finetune.tasks),
         ),
         *(
             StageSpec(
                 name=f"eval_{task}",
+                output=EvalOutput,
                 entry="stages.eval.stage:run_task",
                 args=(task,),
-                # RefCOCO pools ground-truth boxes with the feature extractor's detector and input size.
-                config=("eval.common", f"eval.splits.{task}")
-                + {"retrieval": ("eval.retrieval",), "refcoco": ("features",)}.get(task, ()),
-                upstream=lambda cfg, task=task: eval_upstream(task, cfg.features.detector.weights),
-                files=(lambda cfg: (cfg.features.detector.weights,)) if task == "refcoco"
-                else (lambda cfg: ()),
-                cpus=lambda cfg: cfg.eval.common.threads,
+                config=("eval.common", f"eval.splits.{task}", "runtime.eval_precision", "runtime.threads",
+                        "runtime.skip_missing_images") + (("eval.retrieval",) if task == "retrieval" else ()),
+                upstream=lambda cfg, task=task: eval_upstream(task),
+                cpus=lambda cfg: cfg.runtime.threads,
             )
             for task in TASK_NAMES
         ),
         StageSpec(
             name="eval",
-            entry="stages.eval.stage:run",
+            output=SummaryOutput,
+            entry="stages.eval.aggregate:run",
             config=("finetune.tasks",),
             upstream=lambda cfg: tuple(f"eval_{task}" for task in cfg.finetune.tasks),
         ),

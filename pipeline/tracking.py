@@ -8,11 +8,10 @@ any Ray worker process can open its own run and log live (training curves later)
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
 MAX_PARAM_LEN = 500  # MLflow's limit on a param value
@@ -53,18 +52,11 @@ class Tracker:
             all_tags["mlflow.parentRunId"] = parent_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
 
-    def log(
-        self,
-        run_id: str,
-        metrics: dict[str, float] | None = None,
-        params: dict[str, Any] | None = None,
-        tags: dict[str, str] | None = None,
-        step: int = 0,
-    ) -> None:
-        now = int(time.time() * 1000)
+    def log(self, run_id: str, params: dict[str, Any] | None = None,
+            tags: dict[str, str] | None = None) -> None:
+        """Params and tags; metrics go through ``stages.base.MetricLogger``."""
         self.client.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
             params=[Param(k, v) for k, v in flatten(params or {}).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )

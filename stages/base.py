@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,32 @@ def _rebuild_stage_error(cls: type[StageError], message: str, state: dict[str, A
     return err
 
 
+@dataclass(frozen=True)
+class MetricLogger:
+    """The one way metrics reach MLflow: into one run, from any process (a stage in a Ray worker, rank 0 of
+    a Ray Train run, the graph runner logging a stage's final metrics); a no-op without a run.
+
+    Names are ``/``-separated (``val/itm_acc``, ``<variant>/train/lr``), the same for a curve and for its last
+    value in the stage's final metrics.
+    """
+
+    tracking_uri: str | None = None
+    run_id: str | None = None
+
+    def log(self, metrics: Mapping[str, float], step: int = 0,
+            steps: Mapping[str, int] | None = None) -> None:
+        """``metrics`` at ``step``; ``steps`` gives some of them their own step."""
+        if self.run_id is None or not metrics:
+            return
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        steps = steps or {}
+        batch = [Metric(k, float(v), now, steps.get(k, step)) for k, v in metrics.items()]
+        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch)
+
+
 @dataclass
 class StageContext:
     cfg: Any  # pipeline.config.PipelineConfig (kept untyped here so stages/ does not import pipeline/)
@@ -48,17 +75,14 @@ class StageContext:
     mirror_url: str | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("vlp.stage"))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log live metrics (curves) to this stage's MLflow run; a no-op outside the pipeline."""
-        if self.mlflow_run_id is None:
-            return
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
+    @property
+    def metrics(self) -> MetricLogger:
+        """The logger of this stage's MLflow run (to hand to processes the stage starts)."""
+        return MetricLogger(self.mlflow_tracking_uri, self.mlflow_run_id)
 
-        now = int(time.time() * 1000)
-        MlflowClient(self.mlflow_tracking_uri).log_batch(
-            self.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log live metrics (curves) to this stage's MLflow run; a no-op outside the pipeline."""
+        self.metrics.log(metrics, step)
 
 
 @dataclass
@@ -67,3 +91,6 @@ class StageResult:
     params: dict[str, Any] = field(default_factory=dict)
     # Paths relative to out_dir that are logged to MLflow as artifacts (stats, reports, figures).
     artifacts: list[str] = field(default_factory=list)
+    # The step of each final metric that is the last point of a curve (``val/itm_acc`` of the last
+    # validation); the others are logged at step 0.
+    metric_steps: dict[str, int] = field(default_factory=dict)

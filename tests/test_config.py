@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
+from pipeline.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config
 
 
 def test_demo_config_loads_with_typed_values():
@@ -66,3 +66,53 @@ def test_base_inheritance_merges_sections(tmp_path):
     loop.write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(loop)
+
+
+def _keys(cfg, tmp_path):
+    from pipeline.cache import StageStore
+    from pipeline.dag import plan
+
+    return {p.name: p.key for p in plan(cfg, "all", StageStore(tmp_path))}
+
+
+def test_root_seed_reruns_exactly_the_stages_that_read_it(tmp_path):
+    from pipeline.stages import STAGES
+
+    readers = {name for name, spec in STAGES.items() if "seed" in spec.config}
+    assert readers == {"detector", "pretrain", *(f"finetune_{t}" for t in
+                                                 ("retrieval", "vqa", "nlvr2", "snli_ve", "refcoco"))}
+    base = _keys(load_config(DEFAULT_CONFIG), tmp_path)
+    seeded = _keys(load_config(DEFAULT_CONFIG, ["seed=1"]), tmp_path)
+    # The readers and what is downstream of them; the world (world.seed), its download and text dbs stay.
+    unchanged = {n for n in base if base[n] == seeded[n]}
+    assert unchanged == {"world", "download", "dedup", "txtdb", "karpathy_txtdb"}
+    with pytest.raises(ConfigError, match=r"unknown key 'pretrain.seed'"):
+        load_config(DEFAULT_CONFIG, ["pretrain.seed=1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'features.detector.train.seed'"):
+        load_config(DEFAULT_CONFIG, ["features.detector.train.seed=1"])
+
+
+def test_runtime_settings_have_one_home(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG)
+    assert (cfg.runtime.precision, cfg.runtime.eval_precision, cfg.runtime.threads) == ("auto", "fp32", 1)
+    base = _keys(cfg, tmp_path)
+    changed = _keys(load_config(DEFAULT_CONFIG, ["runtime.eval_precision=bf16"]), tmp_path)
+    assert {n for n in base if base[n] != changed[n]} == {"eval", *(f"eval_{t}" for t in cfg.finetune.tasks)}
+    for moved in ("finetune.common.threads=2", "eval.common.precision=bf16", "pretrain.precision=fp32",
+                  "finetune.common.nbb=[0.2,100,10]", "pretrain.max_txt_len=40"):
+        with pytest.raises(ConfigError, match="unknown key"):
+            load_config(DEFAULT_CONFIG, [moved])
+
+
+def test_task_options_are_typed_and_checked_when_the_config_loads():
+    cfg = load_config(DEFAULT_CONFIG, ["finetune.nlvr2.options.variant=pair",
+                                       "finetune.vqa.options.min_count=2"])
+    assert (cfg.finetune.nlvr2.options.variant, cfg.finetune.vqa.task_options()["min_count"]) == ("pair", 2)
+    # The graph runner ships the config to each stage dumped and validates it again there.
+    assert PipelineConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    with pytest.raises(ConfigError, match=r"finetune.nlvr2.options.variant: Input should be"):
+        load_config(DEFAULT_CONFIG, ["finetune.nlvr2.options.variant=quad"])
+    with pytest.raises(ConfigError, match=r"unknown key 'finetune.vqa.options.min_cnt'"):
+        load_config(DEFAULT_CONFIG, ["finetune.vqa.options.min_cnt=2"])
+    with pytest.raises(ConfigError, match=r"unknown key 'finetune.vqa.options.skip_missing'"):
+        load_config(DEFAULT_CONFIG, ["finetune.vqa.options.skip_missing=true"])  # runtime.skip_missing_images

@@ -92,6 +92,7 @@ def _write_vg_dedup(root, scenes) -> None:
 class _Cfg:
     def __init__(self, detector: DetectorConfig):
         self.features = type("Features", (), {"detector": detector})()
+        self.seed = 0  # the root seed
 
 
 # --- detect mode -----------------------------------------------------------------------------------

@@ -168,6 +168,10 @@ def test_missing_file_and_bad_scheme(mirror, tmp_path, fetcher):
         fetcher(tmp_path, mirror.base_url).fetch_dataset(
             "vg", DatasetSource(files={"image_data": "http://data.example.org/nope.json"}))
     for url in ("file:///etc/passwd", "ftp://data.example.org/x.json"):
+        # The config refuses such a URL when it loads; the fetcher refuses it too, whoever built the source.
+        with pytest.raises(ValueError, match="refusing"):
+            DatasetSource(files={"objects": url})
         with pytest.raises(StageError,
                            match=r"^download\.datasets\.vg\.files\.objects: refusing '.*': scheme "):
-            fetcher(tmp_path, mirror.base_url).fetch_dataset("vg", DatasetSource(files={"objects": url}))
+            fetcher(tmp_path, mirror.base_url).fetch_dataset(
+                "vg", DatasetSource.model_construct(files={"objects": url}))

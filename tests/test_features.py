@@ -26,6 +26,7 @@ from stages.feature_extraction.detector.config import DetectorConfig
 from stages.feature_extraction.detector.model import RegionDetector
 from stages.feature_extraction.detector.torchvision_backend import save_checkpoint
 from stages.feature_extraction.stage import run as run_features
+from stages.outputs.features import FeaturesOutput
 from vlp.data.img_db import ImgDb, compute_num_bb
 from vlp.data.tables import IMAGES
 from worldgen.scenes import COLOURS, SHAPES, SIZES, TEXTURES
@@ -194,6 +195,8 @@ def test_failures_are_recorded_with_key_and_reason(extracted):
     assert all(f["corpus"] == "cc" and f["detail"] and "\n" not in f["detail"] for f in failures)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["failed_by_reason"] == {"undecodable": 2, "zero_size": 2}
+    # The box rule consumers read the store with: the first features.nbb entry.
+    assert FeaturesOutput(out).box_rule() == tuple(NBB[0])
 
 
 def test_metrics_artifacts_and_cache_reuse(setup, extracted):
@@ -204,10 +207,10 @@ def test_metrics_artifacts_and_cache_reuse(setup, extracted):
     m = manifest["metrics"]
     n_ok = len(downloaded_keys(workdir)) - len(BAD)
     assert m["images_ok"] == n_ok and m["images_processed"] == n_ok + len(BAD)
-    assert (m["images_failed"], m["images_failed.zero_size"], m["images_failed.undecodable"]) == (4, 2, 2)
+    assert (m["images_failed"], m["images_failed/zero_size"], m["images_failed/undecodable"]) == (4, 2, 2)
     assert m["images_per_s"] > 0 and m["store_bytes"] > 0
     assert (m["boxes_per_image_min"], m["boxes_per_image_max"], m["boxes_per_image_mean"]) == (10, 10, 10)
-    assert 0 <= m["probe.recall_iou50"] <= 1 and 0 < m["probe.images"] <= m["probe.objects"]
+    assert 0 <= m["probe/recall_iou50"] <= 1 and 0 < m["probe/images"] <= m["probe/objects"]
     assert sorted(manifest["artifacts"]) == ["boxes_per_image.png", "failures.parquet", "stats.json"]
     assert (out / "boxes_per_image.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

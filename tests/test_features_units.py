@@ -150,8 +150,8 @@ def test_probe_store_recall_and_probes_on_a_store_with_known_regions(tmp_path):
     finally:
         store.close()
     matched = [k for i, k in enumerate(keys) if i % 4 != 0]
-    assert metrics["probe.images"] == 60 and metrics["probe.objects"] == 60
-    assert metrics["probe.recall_iou50"] == 45 / 60
-    assert metrics["probe.train_objects"] == sum(in_train_half(k) for k in matched)
-    assert metrics["probe.train_objects"] + metrics["probe.test_objects"] == 45
-    assert metrics["probe.shape_acc"] == 1.0 and metrics["probe.colour_acc"] == 1.0
+    assert metrics["probe/images"] == 60 and metrics["probe/objects"] == 60
+    assert metrics["probe/recall_iou50"] == 45 / 60
+    assert metrics["probe/train_objects"] == sum(in_train_half(k) for k in matched)
+    assert metrics["probe/train_objects"] + metrics["probe/test_objects"] == 45
+    assert metrics["probe/shape_acc"] == 1.0 and metrics["probe/colour_acc"] == 1.0

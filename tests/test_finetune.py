@@ -17,20 +17,30 @@ import torch
 from PIL import Image, ImageDraw
 
 from stages.base import StageContext, StageError
+from stages.eval import aggregate as eval_aggregate
 from stages.eval import stage as eval_stage
 from stages.eval.config import EvalConfig, eval_upstream
+from stages.feature_extraction import gt_features
 from stages.feature_extraction.config import FeatureConfig
 from stages.feature_extraction.detector.config import DetectorConfig
 from stages.feature_extraction.detector.model import RegionDetector
 from stages.feature_extraction.detector.torchvision_backend import save_checkpoint
-from stages.finetune import karpathy_txtdb
+from stages.finetune import aggregate as finetune_aggregate
 from stages.finetune import stage as finetune_stage
-from stages.finetune.config import TASK_NAMES, FinetuneConfig, finetune_upstream
+from stages.finetune.config import FinetuneConfig, finetune_upstream
+from stages.outputs.features import FeaturesOutput
+from stages.outputs.finetune import FinetuneOutput
+from stages.outputs.pretrain import PretrainOutput
+from stages.outputs.txt_db import TxtDbOutput
+from stages.txt_db import karpathy as karpathy_txtdb
 from vlp.data import tables
-from vlp.data.img_db import ImgDb, ImgDbWriter
+from vlp.data.img_db import ImgDbWriter
 from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wordpiece
 from vlp.data.txt_db import TxtDb, TxtDbWriter
 from vlp.model import UniterConfig, UniterModel
+from vlp.tasks import TASK_NAMES
+from vlp.train.pretrain_model import build_model
+from vlp.train.runtime import RuntimeConfig
 
 SHAPES = ["circle", "square", "star", "heart"]
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30), "yellow": (230, 220, 30)}
@@ -89,7 +99,8 @@ def build_world(root: Path) -> dict[str, Path]:
              for split, n in (("train", 8), ("dev", 3), ("test1", 3)) for i in range(n) for side in (0, 1)}
     all_scenes = flickr | vqa_images | ref_images | nlvr2
 
-    with ImgDbWriter(root / "features" / "img_db", nbb_configs=[NBB]) as writer:
+    features = FeaturesOutput(root / "features")
+    with ImgDbWriter(features.store_dir, nbb_configs=[NBB]) as writer:
         for key, objects in all_scenes.items():
             n = len(objects) + 1  # plus a clutter region over the whole image
             feats = rng.normal(scale=0.3, size=(n, DIM)).astype(np.float32)
@@ -101,6 +112,7 @@ def build_world(root: Path) -> dict[str, Path]:
             boxes[-1] = [0, 0, 1, 1, 1, 1]
             labels = np.full((n, len(SHAPES) + 1), 1.0 / (len(SHAPES) + 1), np.float32)
             writer.put(key, features=feats, norm_bb=boxes, conf=np.linspace(0.9, 0.3, n), soft_labels=labels)
+    features.write_stats({}, NBB, compress=False)  # the box rule pretrain, finetune and eval read with
 
     texts: list[str] = []
     captions = {key: [caption(obj, range(len(obj))), caption(obj, range(len(obj))[::-1])]
@@ -179,11 +191,12 @@ def build_world(root: Path) -> dict[str, Path]:
     texts += [r["hypothesis"] for r in snli_rows] + [s for r in ref_rows for s in r["sentences"]]
 
     tok = train_wordpiece(texts, 300)
-    txtdb = root / "txtdb"
-    save_tokenizer(tok, txtdb / "tokenizer")
-    (txtdb / "stats.json").write_text(json.dumps({"tokenizer": {"name": "toy", "max_txt_len": 60}}))
+    txtdb = TxtDbOutput(root / "txtdb")
+    save_tokenizer(tok, txtdb.tokenizer_dir)
+    txtdb.write_stats({"tokenizer": {"name": "toy", "max_txt_len": 60}})
     for split in ("train", "val", "test"):
-        with TxtDbWriter(txtdb / f"flickr30k_{split}.db", tokenizer_meta(tok, "toy")) as writer:
+        meta = tokenizer_meta(tok, "toy") | {"max_txt_len": 60}
+        with TxtDbWriter(txtdb.db_path(f"flickr30k_{split}"), meta) as writer:
             for key in keys:
                 if flickr_split[key] == split:
                     for v, ids in enumerate(encode(tok, captions[key])):
@@ -206,37 +219,35 @@ def build_world(root: Path) -> dict[str, Path]:
     write_table(download / "images" / "coco" / "shard-00000.parquet", image_rows("coco", ref_images, True),
                 tables.IMAGES)
 
-    pretrain = root / "pretrain"
+    pretrain = PretrainOutput(root / "pretrain")
     torch.manual_seed(0)
     config = UniterConfig(vocab_size=len(tok.get_vocab()), hidden_size=32, num_hidden_layers=2,
                           num_attention_heads=2, intermediate_size=64, img_dim=DIM)
-    UniterModel(config).save_pretrained(pretrain / "model")
-    torch.save({"itm.head.weight": torch.randn(2, 32) * 0.02, "itm.head.bias": torch.zeros(2)},
-               pretrain / "model" / "heads.pt")
-    shutil.copytree(txtdb / "tokenizer", pretrain / "tokenizer")
+    options = {"itm": {"neg_prob": 0.5, "wra": True, "wra_beta": 0.5, "wra_iters": 50}}
+    pretrain.write_model(build_model(config, options), options, txtdb.tokenizer_dir)
 
     detector_cfg = DetectorConfig(**DETECTOR)
     torch.manual_seed(0)
     save_checkpoint(root / "detector.pt", detector_cfg, RegionDetector(detector_cfg, len(SHAPES), 2), SHAPES,
                     ["plain", "striped"])
-    return {"dedup": dedup, "download": download, "txtdb": txtdb, "features": root / "features",
-            "pretrain": pretrain}
+    return {"dedup": dedup, "download": download, "txtdb": txtdb.root, "features": features.root,
+            "pretrain": pretrain.root}
 
 
-def configs(root: Path, **common) -> SimpleNamespace:
+def configs(root: Path, skip_missing_images: bool = False, **common) -> SimpleNamespace:
     train = {"max_steps": 3, "batch_units": 400, "lr": 1e-3}
     finetune = FinetuneConfig(
-        common={"nbb": NBB, "precision": "fp32", "log_every": 1, "threads": 1, **common},
+        common={"log_every": 1, **common},
         retrieval={**train, "neg_samples": 3, "hard_negatives": 2, "batch_units": 120, "epochs": 10},
         vqa={**train, "options": {"min_count": 1}, "train_split": "train2014", "val_split": "val2014"},
         nlvr2={**train, "options": {"variant": "pair"}, "train_split": "train", "val_split": "dev"},
         snli_ve={**train, "train_split": "train", "val_split": "dev"},
         refcoco={**train, "train_split": "train", "val_split": "val"},
     )
-    evaluation = EvalConfig(common={"nbb": NBB, "precision": "fp32", "threads": 1},
-                            retrieval={"shortlist_k": 2, "chunk": (3, 5), "attention_pairs": 2})
-    features = FeatureConfig(detector={**DETECTOR, "weights": str(root / "detector.pt")})
-    return SimpleNamespace(finetune=finetune, eval=evaluation, features=features)
+    evaluation = EvalConfig(retrieval={"shortlist_k": 2, "chunk": (3, 5), "attention_pairs": 2})
+    features = FeatureConfig(detector={**DETECTOR, "weights": str(root / "detector.pt")}, nbb=(NBB,))
+    runtime = RuntimeConfig(precision="fp32", skip_missing_images=skip_missing_images)
+    return SimpleNamespace(finetune=finetune, eval=evaluation, features=features, runtime=runtime, seed=0)
 
 
 def context(cfg, root: Path, stage: str, inputs: dict[str, Path]) -> StageContext:
@@ -270,7 +281,7 @@ def finetuned(world):
         needed = {name: inputs[name] for name in finetune_upstream(task)}
         results[task] = finetune_stage.run_task(context(cfg, root, f"finetune_{task}", needed), task)
     outputs = {f"finetune_{task}": root / "out" / f"finetune_{task}" for task in TASK_NAMES}
-    aggregate = finetune_stage.run(context(cfg, root, "finetune", outputs))
+    aggregate = finetune_aggregate.run(context(cfg, root, "finetune", outputs))
     return root, inputs, cfg, results, aggregate
 
 
@@ -296,7 +307,9 @@ def test_finetune_stages_write_a_checkpoint_per_task_and_initialisation(finetune
             curves = json.loads((directory / "curves.json").read_text())
             assert [c["step"] for c in curves if c["split"] == "train"] == [1, 2, 3]
             assert [c["step"] for c in curves if c["split"] == "val"][0] == 0
-            assert results[task].metrics[f"{v['name']}.val.{v['metric']}"] == record["val"][v["metric"]]
+            assert results[task].metrics[f"{v['name']}/val/{v['metric']}"] == record["val"][v["metric"]]
+            assert results[task].metric_steps[f"{v['name']}/val/{v['metric']}"] == 3  # the curve's last step
+        assert FinetuneOutput(out).missing() == []
     vqa = json.loads((root / "out" / "finetune_vqa" / "pretrained" / "task.json").read_text())
     assert sorted(vqa["state_extra"]["ans2label"]) == ["no", "yes"]
     nlvr2 = UniterModel.from_pretrained(root / "out" / "finetune_nlvr2" / "scratch" / "encoder")
@@ -322,14 +335,16 @@ def test_rank_head_starts_from_the_itm_head_and_scratch_does_not(finetuned):
 @pytest.fixture(scope="module")
 def evaluated(finetuned):
     root, inputs, cfg, _, _ = finetuned
+    gt_features.run(context(cfg, root, "gt_features", {"download": inputs["download"]}))
+    inputs = inputs | {"gt_features": root / "out" / "gt_features"}
     results = {}
     for task in TASK_NAMES:
         needed = {}
-        for name in eval_upstream(task, cfg.features.detector.weights):
+        for name in eval_upstream(task):
             needed[name] = root / "out" / name if name.startswith("finetune_") else inputs[name]
         results[task] = eval_stage.run_task(context(cfg, root, f"eval_{task}", needed), task)
     outputs = {f"eval_{task}": root / "out" / f"eval_{task}" for task in TASK_NAMES}
-    aggregate = eval_stage.run(context(cfg, root, "eval", outputs))
+    aggregate = eval_aggregate.run(context(cfg, root, "eval", outputs))
     return root, results, aggregate
 
 
@@ -370,8 +385,9 @@ def test_eval_writes_metrics_summary_and_figures(evaluated):
     predictions = json.loads((root / "out" / "eval_vqa" / "pretrained" / "val2014_predictions.json")
                              .read_text())
     assert len(predictions) == 8 and {"question_id", "answer", "score"} <= predictions[0].keys()
-    gt = ImgDb(root / "out" / "eval_refcoco" / "gt_img_db", *NBB)
-    assert len(gt) == 3 and all(gt.get(k).features.shape[1] == DIM for k in gt.keys())
+    # The ground-truth regions of every RefCOCO image (5 train, 3 evaluated), in the features layout.
+    gt = FeaturesOutput(root / "out" / "gt_features").img_db()
+    assert len(gt) == 8 and all(gt.get(k).features.shape[1] == DIM for k in gt.keys())
     gt.close()
 
 
@@ -403,11 +419,11 @@ def test_missing_images_stop_with_one_line_or_are_skipped(world, tmp_path, caplo
         finetune_stage.run_task(context(cfg, tmp_path, "finetune_vqa", needed), "vqa")
     store = inputs["features"] / "img_db"
     assert str(err.value) == (f"task vqa split val2014: 2 of 5 images missing from the feature store "
-                              f"{store}: coco:777, coco:778 (set finetune.common.skip_missing_images to skip "
+                              f"{store}: coco:777, coco:778 (set runtime.skip_missing_images to skip "
                               "their examples)")
     cfg = configs(root, skip_missing_images=True, init="scratch")
     result = finetune_stage.run_task(context(cfg, tmp_path, "finetune_vqa_skip", needed), "vqa")
-    assert "scratch.val.vqa_score" in result.metrics
+    assert "scratch/val/vqa_score" in result.metrics
     assert "task vqa split val2014: 2 of 5 images missing" in caplog.text
 
 

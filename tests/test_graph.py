@@ -14,6 +14,7 @@ from pipeline.cache import StageStore
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.dag import plan
 from pipeline.run import main
+from stages.outputs.eval import SummaryOutput
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def test_mlflow_holds_one_run_per_stage(graph):
 def test_eval_summary_covers_every_configured_task(graph):
     workdir, stages = graph
     (evaluation,) = [s for s in stages if s.name == "eval"]
-    summary = json.loads((workdir / "eval" / evaluation.key / "summary.json").read_text())
+    summary = SummaryOutput(workdir / "eval" / evaluation.key).summary()
     covered = {row["task"].split(" ")[0] for row in summary["tasks"]}
     assert covered == set(load_config(MICRO).finetune.tasks)
     for row in summary["tasks"]:

@@ -18,18 +18,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 
-from stages.base import StageContext, StageError
+from stages.base import MetricLogger, StageContext, StageError
+from stages.outputs.features import FeaturesOutput
+from stages.outputs.pretrain import PretrainOutput
+from stages.outputs.txt_db import TxtDbOutput
 from stages.pretrain import checkpointing
 from stages.pretrain.config import PretrainConfig
-from stages.pretrain.data import NumberedBatches, PreparedBatches, build_corpus, seed_of
-from stages.pretrain.modeling import (
-    build_model,
-    encoder_config,
-    loss_weights,
-    objective_options,
-    target_count,
-)
-from stages.pretrain.stage import RUN_NAME, fit, preflight
+from stages.pretrain.data import PretrainInputs, build_corpus
+from stages.pretrain.stage import RUN_NAME, build_trainer, fit, preflight
 from stages.pretrain.stage import run as run_pretrain
 from vlp.data.batching import UnitBatchSampler
 from vlp.data.img_db import ImgDbWriter
@@ -37,6 +33,17 @@ from vlp.data.task_sampler import TaskSampler
 from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wordpiece
 from vlp.data.txt_db import TxtDbWriter
 from vlp.model import UniterModel
+from vlp.train.checkpoints import load_pretrained
+from vlp.train.prepared import NumberedBatches, PreparedBatches
+from vlp.train.pretrain_model import (
+    build_model,
+    encoder_config,
+    loss_weights,
+    objective_options,
+    target_count,
+)
+from vlp.train.runtime import RuntimeConfig
+from vlp.train.seeds import seed_of
 
 # Hooks defined here travel to the Ray workers by value (this test module is not importable there).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -45,15 +52,19 @@ SHAPES = ["circle", "square", "star", "heart", "moon", "cross"]
 COLOURS = ["red", "blue", "green", "yellow"]
 DIM = 32
 NBB = (0.2, 100, 2)
+SEED = 3  # the root seed of the loop tests
+FP32 = RuntimeConfig(precision="fp32")
 
 
-def build_store(root: Path, n_images: int, soft_labels: bool = True, seed: int = 0) -> tuple[Path, Path]:
-    """txt_db/ (tokenizer + toy_train / toy_val / toy_test dbs, 70/15/15% of the images) and img_db/."""
+def build_store(root: Path, n_images: int, soft_labels: bool = True, seed: int = 0) -> PretrainInputs:
+    """The txtdb output (tokenizer + toy_train / toy_val / toy_test dbs, 70/15/15% of the images) and the
+    features output (the store, read with box rule NBB)."""
     rng = np.random.default_rng(seed)
     prototypes = rng.normal(size=(len(SHAPES), len(COLOURS), DIM)).astype(np.float32)
     scenes = {f"toy:{i}": [(int(rng.integers(len(SHAPES))), int(rng.integers(len(COLOURS))))
                            for _ in range(int(rng.integers(2, 4)))] for i in range(n_images)}
-    with ImgDbWriter(root / "img_db", nbb_configs=[NBB]) as writer:
+    features = FeaturesOutput(root / "features")
+    with ImgDbWriter(features.store_dir, nbb_configs=[NBB]) as writer:
         for key, objects in scenes.items():
             n = len(objects) + int(rng.integers(1, 3))  # plus background clutter
             feats = rng.normal(scale=0.3, size=(n, DIM)).astype(np.float32)
@@ -68,29 +79,37 @@ def build_store(root: Path, n_images: int, soft_labels: bool = True, seed: int =
             writer.put(key, features=feats, norm_bb=np.concatenate([xy, xy + wh, wh], 1),
                        conf=np.sort(rng.uniform(0.3, 1.0, n))[::-1],
                        soft_labels=labels if soft_labels else labels[:, :0])
+    features.write_stats({}, NBB, compress=False)
     captions = {key: [" and ".join(f"a {COLOURS[objects[o][1]]} {SHAPES[objects[o][0]]}"
                                    for o in rng.permutation(len(objects))) for _ in range(2)]
                 for key, objects in scenes.items()}
     tok = train_wordpiece([c for caps in captions.values() for c in caps], 200)
-    txt_dir = root / "txt_db"
-    save_tokenizer(tok, txt_dir / "tokenizer")
+    txtdb = TxtDbOutput(root / "txtdb")
+    save_tokenizer(tok, txtdb.tokenizer_dir)
     keys = list(scenes)
     cut = [0, int(0.7 * n_images), int(0.85 * n_images), n_images]
     for name, lo, hi in zip(("train", "val", "test"), cut, cut[1:], strict=False):
-        with TxtDbWriter(txt_dir / f"toy_{name}.db", tokenizer_meta(tok, "toy")) as writer:
+        meta = tokenizer_meta(tok, "toy") | {"max_txt_len": 60}  # as the txtdb stage writes it
+        with TxtDbWriter(txtdb.db_path(f"toy_{name}"), meta) as writer:
             for key in keys[lo:hi]:
                 for v, ids in enumerate(encode(tok, captions[key])):
                     writer.add(f"{key}:{v}", {"input_ids": ids, "img_fname": key})
-    return txt_dir, root / "img_db"
+    return PretrainInputs(txtdb, features)
 
 
 def loop_config(**over) -> PretrainConfig:
-    """Exact arithmetic (fp32, no dropout), no validation: what the gradient and resume checks need."""
-    base = dict(train_dbs=["toy_train"], nbb=NBB, batch_units=300, grad_accum=2, steps=8, num_workers=2,
-                precision="fp32", model={"dropout": 0.0}, optim={"warmup_steps": 2, "lr": 1e-3},
-                checkpoint_every=2, keep_checkpoints=10, log_every=2, max_failures=1, seed=3,
+    """Exact arithmetic (fp32 at run time, no dropout), no validation: what the gradient and resume checks
+    need."""
+    base = dict(train_dbs=["toy_train"], batch_units=300, grad_accum=2, steps=8, num_workers=2,
+                model={"dropout": 0.0}, optim={"warmup": 0.25, "lr": 1e-3}, checkpoint_every=2,
+                keep_checkpoints=10, log_every=2, max_failures=1,
                 validation={"every": 100, "dbs": [], "holdout_images": 0, "retrieval_db": None})
     return PretrainConfig(**(base | over))
+
+
+def train(cfg: PretrainConfig, store: PretrainInputs, storage: Path, hooks=()):
+    """The stage's Ray Train run: build_trainer, then fit."""
+    return fit(build_trainer(cfg, store, storage, seed=SEED, runtime=FP32, hooks=hooks), storage)
 
 
 @dataclass
@@ -182,23 +201,23 @@ def uninterrupted(store, local_ray, tmp_path_factory):
     """Two workers, two micro-batches each, eight steps; gradients saved at the first step of each task."""
     out = tmp_path_factory.mktemp("grads")
     cfg = loop_config()
-    result = fit(cfg, *store, out / "ray_train", hooks=[SaveGradients(str(out))])
+    result = train(cfg, store, out / "ray_train", hooks=[SaveGradients(str(out))])
     return cfg, out, result
 
 
 def reference_gradients(cfg: PretrainConfig, corpus, saved: dict, task: str) -> dict[str, torch.Tensor]:
     """One process: the gradient of the mean loss over the global batch the two workers split between them
     (each worker's first ``grad_accum`` batches of the task), from the weights the workers had."""
-    ucfg = encoder_config(cfg, int(corpus.meta["vocab_size"]), corpus.img_dim)
+    ucfg = encoder_config(cfg.model, int(corpus.meta["vocab_size"]), corpus.img_dim)
     model = build_model(ucfg, objective_options(cfg, corpus.meta, corpus.label_dim))
     model.load_state_dict(saved["state"])
     objective = model.objectives[task]
     batches = []
     for rank in range(cfg.num_workers):
         sampler = UnitBatchSampler(corpus.train.txt_lens, corpus.train.img_lens, cfg.batch_units,
-                                   seed=seed_of(cfg.seed, "batches", task), rank=rank,
+                                   seed=seed_of(SEED, "batches", task), rank=rank,
                                    world_size=cfg.num_workers)
-        data = PreparedBatches(corpus.train, objective.prepare, cfg.seed, f"train/{task}", 0)
+        data = PreparedBatches(corpus.train, objective.prepare, SEED, f"train/{task}", 0)
         items = iter(NumberedBatches(sampler))
         batches += [data[next(items)] for _ in range(cfg.grad_accum)]
     counts = [target_count(objective, b) for b in batches]
@@ -213,12 +232,12 @@ def reference_gradients(cfg: PretrainConfig, corpus, saved: dict, task: str) -> 
 
 def test_two_workers_give_the_gradient_of_the_global_batch(uninterrupted, store):
     cfg, out, _ = uninterrupted
-    sampler = TaskSampler(cfg.tasks, seed=cfg.seed)
+    sampler = TaskSampler(cfg.tasks, seed=SEED)
     first = {}
     for step in range(cfg.steps):
         first.setdefault(sampler.task(step), step + 1)
     assert first == {"mlm": 1, "mrfr": 2, "itm": 3, "mrc_kl": 5}
-    corpus = build_corpus(cfg, *store)
+    corpus = build_corpus(cfg, SEED, store)
     for task, step in first.items():
         saved = torch.load(out / f"{task}.pt", weights_only=True)
         assert saved["step"] == step
@@ -235,7 +254,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint_with_the_step_count_inta
     steps_log = tmp_path / "steps.txt"
     kill = KillWorker(step=5, after=4, snapshot=str(storage / RUN_NAME / "checkpoint_manager_snapshot.json"),
                       marker=str(tmp_path / "killed"))
-    result = fit(cfg, *store, storage, hooks=[LogSteps(str(steps_log)), kill])
+    result = train(cfg, store, storage, hooks=[LogSteps(str(steps_log)), kill])
     assert (tmp_path / "killed").exists()
     # Attempt 1 ran steps 1-5 (killed in step 5); attempt 2 resumed from the step-4 checkpoint.
     assert [int(s) for s in steps_log.read_text().split()] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
@@ -254,7 +273,7 @@ def test_nan_loss_names_step_and_task_and_a_rerun_resumes_from_the_last_checkpoi
     storage = tmp_path / "ray_train"
     steps_log = tmp_path / "steps.txt"
     with pytest.raises(StageError) as err:
-        fit(cfg, *store, storage, hooks=[LogSteps(str(steps_log)), PoisonWeights(step=3)])
+        train(cfg, store, storage, hooks=[LogSteps(str(steps_log)), PoisonWeights(step=3)])
     assert str(err.value) == (
         "pretrain: non-finite loss itm_loss=nan, wra_loss=nan at step 4 (task 'itm'); training stopped, "
         "the last good checkpoint (step 2) is kept"
@@ -263,39 +282,50 @@ def test_nan_loss_names_step_and_task_and_a_rerun_resumes_from_the_last_checkpoi
     assert [int(s) for s in steps_log.read_text().split()] == [1, 2, 3]
     assert checkpoint_steps(storage) == [2]
     # Rerunning the stage on the same storage (same cache key) resumes from that checkpoint.
-    result = fit(cfg, *store, storage, hooks=[LogSteps(str(steps_log))])
+    result = train(cfg, store, storage, hooks=[LogSteps(str(steps_log))])
     assert [int(s) for s in steps_log.read_text().split()] == [1, 2, 3, 3, 4, 5, 6]
     assert result.metrics["step"] == 6 and checkpoint_steps(storage) == [2, 4, 6]
 
 
 def test_a_task_whose_input_the_store_lacks_fails_at_start(tmp_path):
-    txt_dir, img_dir = build_store(tmp_path, n_images=20, soft_labels=False)
+    inputs = build_store(tmp_path, n_images=20, soft_labels=False)
     with pytest.raises(StageError) as err:
-        preflight(loop_config(), txt_dir, img_dir)
+        preflight(loop_config(), SEED, inputs)
     assert str(err.value) == (f"pretrain.tasks: task 'mrc_kl' needs soft_labels, which the feature store "
-                              f"{img_dir} does not provide")
-    preflight(loop_config(tasks={"mlm": 1.0, "itm": 1.0, "mrfr": 1.0}), txt_dir, img_dir)
+                              f"{inputs.features.store_dir} does not provide")
+    preflight(loop_config(tasks={"mlm": 1.0, "itm": 1.0, "mrfr": 1.0}), SEED, inputs)
 
 
 def test_missing_db_and_too_small_batch_budget_fail_at_start(store):
-    txt_dir, img_dir = store
     with pytest.raises(StageError) as err:
-        preflight(loop_config(validation={"dbs": ["toy_dev"]}), txt_dir, img_dir)
-    assert str(err.value) == (f"pretrain.validation.dbs: text db 'toy_dev' not found in {txt_dir} "
+        preflight(loop_config(validation={"dbs": ["toy_dev"]}), SEED, store)
+    assert str(err.value) == (f"pretrain.validation.dbs: text db 'toy_dev' not found in {store.txtdb.root} "
                               "(available: toy_test, toy_train, toy_val)")
     with pytest.raises(StageError, match=r"^pretrain\.batch_units: max_units=10 is below the size of"):
-        preflight(loop_config(batch_units=10), txt_dir, img_dir)
+        preflight(loop_config(batch_units=10), SEED, store)
+
+
+def test_the_box_rule_comes_from_the_features_output_and_must_be_in_the_store(store, tmp_path):
+    features = FeaturesOutput(tmp_path / "features")
+    shutil.copytree(store.features.store_dir, features.store_dir)
+    features.write_stats({}, (0.2, 100, 2), compress=False)
+    assert features.img_db().min_bb == 2  # pretrain, finetune and eval read the store with this rule
+    features.write_stats({}, (0.3, 100, 2), compress=False)
+    with pytest.raises(StageError) as err:
+        preflight(loop_config(), SEED, PretrainInputs(store.txtdb, features))
+    assert str(err.value) == (f"{features.stats_path}: box rule (0.3, 100, 2) has no sidecar "
+                              f"nbb_th0.3_max100_min2.json in {features.store_dir}")
 
 
 def test_text_dbs_of_another_tokenizer_fail_at_start(store, tmp_path):
-    txt_dir, img_dir = store
-    mixed = tmp_path / "txt_db"
-    shutil.copytree(txt_dir, mixed)
-    meta_file = mixed / "toy_val.db" / "meta.json"
+    mixed = TxtDbOutput(tmp_path / "txtdb")
+    shutil.copytree(store.txtdb.root, mixed.root)
+    meta_file = mixed.db_path("toy_val") / "meta.json"
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps(meta | {"MASK": meta["MASK"] + 1, "vocab_digest": "0" * 16}))
     with pytest.raises(StageError) as err:
-        preflight(loop_config(validation={"dbs": ["toy_val"], "holdout_images": 0}), mixed, img_dir)
+        preflight(loop_config(validation={"dbs": ["toy_val"], "holdout_images": 0}), SEED,
+                  PretrainInputs(mixed, store.features))
     assert str(err.value) == ("pretrain.validation.dbs: meta.json fields ['MASK', 'vocab_digest'] differ "
                               "from the train dbs' (text dbs built with another tokenizer)")
 
@@ -303,7 +333,7 @@ def test_text_dbs_of_another_tokenizer_fail_at_start(store, tmp_path):
 def test_corpus_keeps_evaluation_images_out_of_training(store):
     cfg = loop_config(train_dbs=["toy_train", "toy_val"],
                       validation={"dbs": ["toy_val"], "holdout_images": 5, "retrieval_db": "toy_test"})
-    corpus = build_corpus(cfg, *store)
+    corpus = build_corpus(cfg, SEED, store)
     # 60 images with 2 captions each: train 42 images, val 9, test 9.
     assert (len(corpus.train), len(corpus.val), len(corpus.retrieval)) == (84 - 10, 10 + 18, 18)
     assert corpus.notes == ["train: 18 captions of validation or retrieval images left out",
@@ -315,42 +345,45 @@ def test_corpus_keeps_evaluation_images_out_of_training(store):
 
 @pytest.mark.slow
 def test_pretrain_stage_end_to_end(store, local_ray, tmp_path):
-    txt_dir, img_dir = store
-    features = tmp_path / "features"
-    features.mkdir()
-    (features / "img_db").symlink_to(img_dir)
     cfg = PretrainConfig(
-        train_dbs=["toy_train"], nbb=NBB, batch_units=400, steps=60, num_workers=2, log_every=10,
-        checkpoint_every=30, optim={"warmup_steps": 6, "lr": 1e-3},
+        train_dbs=["toy_train"], batch_units=400, steps=60, num_workers=2, log_every=10,
+        checkpoint_every=30, optim={"warmup": 0.1, "lr": 1e-3},
         validation={"every": 30, "dbs": ["toy_val"], "holdout_images": 0, "retrieval_db": "toy_test",
                     "retrieval_every": 0, "retrieval_chunk": (3, 16)},
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("t")).info.run_id
-    out = tmp_path / "out"
-    ctx = StageContext(cfg=SimpleNamespace(pretrain=cfg), workdir=tmp_path, out_dir=out,
-                       inputs={"txtdb": txt_dir, "features": features}, mlflow_run_id=run_id,
-                       mlflow_tracking_uri=uri)
+    out = PretrainOutput(tmp_path / "out")
+    ctx = StageContext(cfg=SimpleNamespace(pretrain=cfg, seed=0, runtime=RuntimeConfig()), workdir=tmp_path,
+                       out_dir=out.root, inputs={"txtdb": store.txtdb.root, "features": store.features.root},
+                       mlflow_run_id=run_id, mlflow_tracking_uri=uri)
     result = run_pretrain(ctx)
 
-    record = json.loads((out / "metrics.json").read_text())
+    record = json.loads(out.metrics_path.read_text())
     assert record["steps"] == 60 and result.metrics["steps"] == 60
     untrained, final = record["untrained"], record["final"]
-    assert result.metrics["final.mlm_acc"] == final["mlm_acc"]
-    assert result.metrics["untrained.mlm_acc"] == untrained["mlm_acc"]
+    # The final metrics are the curves' last points: the same names, at the last step.
+    assert result.metrics["val/mlm_acc"] == final["mlm_acc"] and result.metric_steps["val/mlm_acc"] == 60
+    assert result.metrics["train/mlm/units_per_s"] == record["throughput"]["mlm/units_per_s"]
+    assert client.get_metric_history(run_id, "val/mlm_acc")[0].value == untrained["mlm_acc"]
     assert final["mlm_acc"] > untrained["mlm_acc"] + 0.3
     assert final["mlm_loss"] < untrained["mlm_loss"] - 1.0
     assert {"itm_acc", "mrc_kl_acc", "zs_ir_r1", "zs_tr_r10", "zs_meta_sum"} <= final.keys()
     assert all(record["throughput"][f"{t}/units_per_s"] > 0 for t in cfg.tasks)
+    assert out.missing() == []
 
-    model = UniterModel.from_pretrained(out / "model")
+    model = UniterModel.from_pretrained(out.model_dir)
     assert model.config.img_dim == DIM and model.config.vocab_size == int(
-        json.loads((txt_dir / "toy_train.db" / "meta.json").read_text())["vocab_size"])
-    heads = torch.load(out / "model" / "heads.pt", weights_only=True)
+        json.loads((store.txtdb.db_path("toy_train") / "meta.json").read_text())["vocab_size"])
+    heads = torch.load(out.model_dir / "heads.pt", weights_only=True)
     assert {k.split(".")[0] for k in heads} == set(cfg.tasks)
-    vocab = (txt_dir / "tokenizer" / "vocab.txt").read_bytes()
-    assert (out / "tokenizer" / "vocab.txt").read_bytes() == vocab
+    vocab = (store.txtdb.tokenizer_dir / "vocab.txt").read_bytes()
+    assert (out.tokenizer_dir / "vocab.txt").read_bytes() == vocab
+    # The model dir alone rebuilds encoder and heads (their configs are stored with the weights).
+    loaded = load_pretrained(out.model_dir)
+    assert sorted(loaded.objectives) == sorted(cfg.tasks)
+    torch.testing.assert_close(loaded.objectives.state_dict(), heads)
 
     # Curves from rank 0 in the stage's MLflow run: training every 10 steps, validation at 0, 30, 60.
     loss = client.get_metric_history(run_id, "train/mlm/mlm_loss")
@@ -358,3 +391,7 @@ def test_pretrain_stage_end_to_end(store, local_ray, tmp_path):
     assert [m.step for m in client.get_metric_history(run_id, "val/mlm_acc")] == [0, 30, 60]
     assert [m.step for m in client.get_metric_history(run_id, "val/zs_ir_r1")] == [0, 60]
     assert client.get_metric_history(run_id, "train/itm/units_per_s")[-1].value > 0
+    # What the graph runner logs for the stage: its final metrics, each at the step its curve ends.
+    MetricLogger(uri, run_id).log(result.metrics, steps=result.metric_steps)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/mlm_acc")][-1] == (
+        60, final["mlm_acc"])

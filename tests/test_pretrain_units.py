@@ -1,26 +1,22 @@
-"""Pieces of the pretraining loop that run without Ray: distributed helpers in one process, the LR schedule,
-optimizer parameter groups, target counts, batch numbering and the logged throughput arithmetic."""
+"""Pieces of the training core (vlp.train) the pretraining loop runs, without Ray: distributed helpers in one
+process, the LR schedule, optimizer parameter groups, target counts, batch numbering, seeds, metric sums and
+the logged throughput arithmetic."""
 
 import pytest
 import torch
 from torch import nn
 
 from stages.pretrain.config import PretrainConfig
-from stages.pretrain.data import NumberedBatches, PreparedBatches, seed_of
-from stages.pretrain.loop import task_metrics
-from stages.pretrain.modeling import (
-    build_model,
-    build_optimizer,
-    lr_factor,
-    no_decay_parameter_names,
-    objective_options,
-    parameter_groups,
-    target_count,
-)
+from stages.pretrain.loop import throughput_metrics
 from vlp import distributed
 from vlp.data.batching import UnitBatchSampler
 from vlp.model import UniterConfig
 from vlp.objectives.masking import IGNORE_INDEX
+from vlp.train.metrics import MetricSums
+from vlp.train.optim import build_optimizer, lr_factor, no_decay_parameter_names, parameter_groups
+from vlp.train.prepared import NumberedBatches, PreparedBatches
+from vlp.train.pretrain_model import build_model, objective_options, target_count
+from vlp.train.seeds import seed_of
 
 META = {"CLS": 2, "SEP": 3, "MASK": 4, "UNK": 1, "PAD": 0, "v_range": [5, 40], "vocab_size": 40}
 
@@ -52,15 +48,19 @@ def test_lr_schedule_warms_up_then_decays_linearly():
 
 def test_scheduler_applies_the_factor_to_each_optimizer_step():
     cfg, model = tiny_model()
-    cfg = cfg.model_copy(update={"steps": 10, "optim": cfg.optim.model_copy(update={"warmup_steps": 4})})
-    optimizer, schedule = build_optimizer(model, cfg)
+    optim = cfg.optim.model_copy(update={"warmup": 0.4, "head_lr_mult": 3.0, "betas": (0.8, 0.9),
+                                         "eps": 1e-5})
+    optimizer, schedule = build_optimizer(model.encoder, model.objectives, optim, 10)
     seen = []
     for _ in range(10):
-        seen.append(optimizer.param_groups[0]["lr"])
+        seen.append([group["lr"] for group in optimizer.param_groups])
         optimizer.step()
         schedule.step()
-    assert seen == pytest.approx([cfg.optim.lr * lr_factor(s, 4, 10) for s in range(10)])
-    assert optimizer.defaults["betas"] == (0.9, 0.98)
+    # Encoder groups at lr, the objective heads' at 3 x lr, all on the same warmup (4 steps) and decay.
+    assert [group[0] for group in seen] == pytest.approx([optim.lr * lr_factor(s, 4, 10) for s in range(10)])
+    assert [group[-1] for group in seen] == pytest.approx([3 * g[0] for g in seen])
+    # Betas and eps come from the config (the finetuning loop once hard-coded them).
+    assert (optimizer.defaults["betas"], optimizer.defaults["eps"]) == ((0.8, 0.9), 1e-5)
 
 
 def test_parameter_groups_exclude_biases_and_layer_norms_from_weight_decay():
@@ -73,12 +73,21 @@ def test_parameter_groups_exclude_biases_and_layer_norms_from_weight_decay():
                    for p, _ in mod.named_parameters(recurse=False)}
     assert layer_norms and layer_norms <= no_decay
     assert no_decay == {n for n in named if n.endswith("bias")} | layer_norms
-    decay, plain = parameter_groups(model, 0.01)
+    decay, plain = parameter_groups([(model, 1e-3)], 0.01)
     assert (decay["weight_decay"], plain["weight_decay"]) == (0.01, 0.0)
     # Every parameter once: the MLM decoder and the MRFR projection reuse encoder weights, not copies.
     ids = [id(p) for p in decay["params"] + plain["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert {id(p) for p in plain["params"]} == {id(named[n]) for n in no_decay}
+    # Split into encoder and heads, a tied weight stays with the encoder, listed once.
+    groups = parameter_groups([(model.encoder, 1e-3), (model.objectives, 2e-3)], 0.01)
+    split = [id(p) for g in groups for p in g["params"]]
+    assert sorted(split) == sorted(ids)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-3, 0.01), (1e-3, 0.0), (2e-3, 0.01),
+                                                              (2e-3, 0.0)]
+    tied = model.encoder.embeddings.word_embeddings.weight
+    assert any(p is tied for p in groups[0]["params"])
+    assert not any(p is tied for g in groups[2:] for p in g["params"])
 
 
 def test_target_count_is_what_each_objective_averages_over():
@@ -123,18 +132,36 @@ def test_prepared_batches_are_seeded_by_batch_not_by_order():
     assert seed_of(1, "a", 2) == seed_of(1, "a", 2) != seed_of(1, "a", 3)
 
 
-def test_task_metrics_from_summed_window():
-    sums = {"mlm/mlm_loss": 12.0, "mlm/targets": 6.0, "mlm/mlm_correct": 3.0, "mlm/mlm_count": 6.0,
-            "mlm/examples": 8.0, "mlm/units": 150.0, "mlm/padded": 200.0, "mlm/seconds": 2.0,
-            "mlm/steps": 2.0,
-            "itm/itm_loss": 1.4, "itm/wra_loss": -0.2, "itm/targets": 4.0, "itm/itm_correct": 1.0,
-            "itm/itm_count": 4.0, "itm/examples": 4.0, "itm/units": 90.0, "itm/padded": 100.0,
-            "itm/seconds": 1.0, "itm/steps": 1.0}
-    assert task_metrics(sums) == pytest.approx({
+def test_seeds_derive_from_the_root_by_purpose():
+    assert seed_of(0, "init") != seed_of(1, "init") and seed_of(0, "init") != seed_of(0, "dropout")
+    assert 0 <= seed_of(0, "init") < 2**63
+    # The derivation pretraining had before the root seed existed (hash of "0\0init"), so default runs
+    # (root seed 0, formerly pretrain.seed 0) reproduce.
+    assert seed_of(0, "init") == 7398377047407540960
+
+
+def test_metric_sums_weight_losses_by_targets_and_add_counts():
+    sums = MetricSums()
+    sums.add({"vqa_loss": torch.tensor(2.0), "vqa_score_sum": torch.tensor(1.5), "vqa_count": torch.tensor(3),
+              "predictions": [1, 2, 3]}, targets=3)
+    sums.add({"vqa_loss": torch.tensor(1.0), "vqa_score_sum": torch.tensor(0.5), "vqa_count": torch.tensor(1),
+              "nlvr2_correct": torch.tensor(0), "nlvr2_count": torch.tensor(0)}, targets=1)
+    assert sums.metrics() == pytest.approx({"vqa_loss": 7.0 / 4, "vqa_score": 0.5})  # zero count: no metric
+    assert sums.reduced().sums == sums.sums  # one process: the sums as they are
+
+def test_throughput_metrics_from_summed_windows():
+    windows = {
+        "mlm": MetricSums({"mlm_loss": 12.0, "targets": 6.0, "mlm_correct": 3.0, "mlm_count": 6.0,
+                           "examples": 8.0, "units": 150.0, "padded": 200.0, "seconds": 2.0, "steps": 2.0}),
+        "itm": MetricSums({"itm_loss": 1.4, "wra_loss": -0.2, "targets": 4.0, "itm_correct": 1.0,
+                           "itm_count": 4.0, "examples": 4.0, "units": 90.0, "padded": 100.0, "seconds": 1.0,
+                           "steps": 1.0}),
+    }
+    assert throughput_metrics(windows) == pytest.approx({
         "mlm/mlm_loss": 2.0, "mlm/mlm_acc": 0.5, "mlm/examples_per_s": 4.0, "mlm/units_per_s": 75.0,
-        "mlm/padding": 0.25, "itm/itm_loss": 0.35, "itm/wra_loss": -0.05, "itm/itm_acc": 0.25,
-        "itm/examples_per_s": 4.0, "itm/units_per_s": 90.0, "itm/padding": 0.1,
-        "examples_per_s": 4.0, "units_per_s": 80.0, "steps_per_s": 1.0,
+        "mlm/steps_per_s": 1.0, "mlm/padding": 0.25, "itm/itm_loss": 0.35, "itm/wra_loss": -0.05,
+        "itm/itm_acc": 0.25, "itm/examples_per_s": 4.0, "itm/units_per_s": 90.0, "itm/steps_per_s": 1.0,
+        "itm/padding": 0.1, "examples_per_s": 4.0, "units_per_s": 80.0, "steps_per_s": 1.0, "padding": 0.2,
     })
 
 
@@ -143,5 +170,9 @@ def test_config_rejects_unknown_tasks_and_keys():
         PretrainConfig(tasks={"mlm": 1.0, "vqa": 1.0})
     with pytest.raises(ValueError, match="extra"):
         PretrainConfig(batch_size=3)
-    with pytest.raises(ValueError, match="warmup_steps"):
-        PretrainConfig(steps=10, optim={"warmup_steps": 10})
+    with pytest.raises(ValueError, match="optim.warmup"):
+        PretrainConfig(steps=10, optim={"warmup": 1.0})
+    # Now the root seed, the runtime section and what the inputs declare.
+    for removed in ("seed", "nbb", "max_txt_len", "precision", "cpus_per_worker"):
+        with pytest.raises(ValueError, match="extra"):
+            PretrainConfig(**{removed: 0})

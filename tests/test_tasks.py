@@ -18,11 +18,12 @@ from vlp.data.tables import IMAGES, OBJECTS, TASK_NLVR2, TASK_REFCOCO, TASK_SNLI
 from vlp.data.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from vlp.model import UniterConfig, UniterModel
 from vlp.tasks import TASKS
-from vlp.tasks.common import TaskDataError, metrics_from_sums, read_image_sizes
+from vlp.tasks.common import TaskDataError, read_image_sizes
 from vlp.tasks.nlvr2 import NLVR2, expand_type_embeddings
 from vlp.tasks.refexp import NO_TARGET, RefExp, box_iou, match_region, refexp_hits
 from vlp.tasks.snli_ve import SNLIVE
 from vlp.tasks.vqa import VQA, vqa_loss
+from vlp.train.metrics import metrics_from_sums
 
 IMG_DIM = 8
 LOG2, LOG3 = math.log(2), math.log(3)

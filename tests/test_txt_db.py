@@ -309,7 +309,7 @@ def test_stage_builds_one_db_per_corpus_split_with_exact_counts(tmp_path):
         "vg_train": (3, 2, 2 + 4 + 2, 4, 0, 1),
     }
     assert stats["total"] == {"examples": 11, "tokens": 47, "truncated": 0, "empty": 1}
-    assert result.metrics["examples"] == 11 and result.metrics["examples.vg_train"] == 3
+    assert result.metrics["examples"] == 11 and result.metrics["examples/vg_train"] == 3
     assert result.metrics["vocab_size"] == stats["tokenizer"]["vocab_size"]
     assert result.artifacts == ["stats.json"]
 

@@ -1,4 +1,8 @@
-"""Config of the evaluation stages (section ``eval``): splits per task, retrieval scoring modes, figures."""
+"""Config of the evaluation stages (section ``eval``): splits per task, retrieval scoring modes, figures.
+
+The ``eval_<task>`` stages also read ``runtime`` (eval_precision, threads, skip_missing_images) and the
+box-count rule the features stage declared.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stages.finetune.config import TASK_NAMES
+from vlp.tasks import TASK_NAMES
 
 
 class CommonEvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # fp32: bf16 scores of close pairs tie (a tie never counts as a hit), and on CPU oneDNN caches one bf16
-    # primitive per new block shape, so memory climbs with the number of scored blocks.
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    threads: int = Field(1, ge=1)  # see finetune.common.threads
-    nbb: tuple[float, int, int] = (0.2, 100, 10)  # box-count sidecar of the feature store
     batch_units: int = Field(4096, ge=1)  # padded input units per evaluation batch
-    # Evaluate without the examples whose images the feature store lacks (listed in the log).
-    skip_missing_images: bool = False
 
 
 class RetrievalEvalConfig(BaseModel):
@@ -77,11 +74,11 @@ class EvalConfig(BaseModel):
         return self.splits[task]
 
 
-def eval_upstream(task: str, detector_weights: str | None) -> tuple[str, ...]:
+def eval_upstream(task: str) -> tuple[str, ...]:
     """Stages ``eval_<task>`` reads: its finetuned variants, the pretrained model (zero-shot retrieval,
     tokenizer), the regions, and the task's data as in ``finetune_upstream``; retrieval also reads dedup
-    (Entities annotations and image sizes for ISDa); RefCOCO also the detector, to pool features at the
-    COCO ground-truth boxes (its stage's weights unless ``features.detector.weights`` names a file)."""
-    data = {"retrieval": ("txtdb", "karpathy_txtdb", "dedup"), "refcoco": ("download",)}.get(task, ("dedup",))
-    detector = ("detector",) if task == "refcoco" and detector_weights is None else ()
-    return (f"finetune_{task}", "pretrain", "features", *data, *detector)
+    (Entities annotations and image sizes for ISDa); RefCOCO also the regions at the COCO ground-truth
+    boxes (gt_features)."""
+    data = {"retrieval": ("txtdb", "karpathy_txtdb", "dedup"),
+            "refcoco": ("download", "gt_features")}.get(task, ("dedup",))
+    return (f"finetune_{task}", "pretrain", "features", *data)

@@ -46,8 +46,9 @@ class FeatureConfig(BaseModel):
     # uncommitted batch); npz-compressed values as UNITER's `--compress`.
     commit_bytes: int = Field(16 << 20, ge=1)
     compress: bool = False
-    # (conf_th, max_bb, min_bb) box-count sidecars written next to the store; the first one is what
-    # the probe and the stats read.
+    # (conf_th, max_bb, min_bb) box-count sidecars written next to the store; the first one is the rule the
+    # stage declares in its output: what the probe, the stats and every consumer (pretrain, finetune, eval)
+    # read the store with.
     nbb: tuple[tuple[float, int, int], ...] = ((0.2, 100, 10),)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
 

@@ -118,15 +118,15 @@ def probe_store(store: ImgDb, scenes: dict[str, dict], cfg: ProbeConfig) -> dict
                 for name in LABELS:
                     labels[name].append(obj[name])
     (train_x, train_y), (test_x, test_y) = samples[True], samples[False]
-    metrics = {"probe.images": float(images), "probe.objects": float(objects),
-               "probe.train_objects": float(len(train_x)), "probe.test_objects": float(len(test_x))}
+    metrics = {"probe/images": float(images), "probe/objects": float(objects),
+               "probe/train_objects": float(len(train_x)), "probe/test_objects": float(len(test_x))}
     # A metric that cannot be computed (no objects, too few matches to fit or score) is left out.
     if objects:
-        metrics[f"probe.recall_{tag}"] = covered / objects
+        metrics[f"probe/recall_{tag}"] = covered / objects
     for name in LABELS:
         if len(set(train_y[name])) < 2 or not test_x:
             continue
-        metrics[f"probe.{name}_acc"] = linear_probe_accuracy(
+        metrics[f"probe/{name}_acc"] = linear_probe_accuracy(
             np.stack(train_x), train_y[name], np.stack(test_x), test_y[name], cfg.l2, cfg.steps
         )
     return metrics

@@ -4,12 +4,11 @@ One store serves pretraining and the downstream tasks, so it holds the images de
 pretraining corpora too (VQA and RefCOCO evaluate on COCO images that dedup keeps out of pretraining):
 what pretraining may see is decided by the text side (the txtdb stage reads dedup's filtered captions).
 
-Output (in ``ctx.out_dir``)::
-
-    img_db/                   the store (vlp/data/img_db.py): LMDB ``all`` + nbb sidecars
-    failures.parquet          images not stored: key, corpus, reason, detail
-    stats.json                the metrics below, the failure counts and the work plan
-    boxes_per_image.png       histogram of the regions a reader gets per image (first nbb config)
+Output (``stages/outputs/features.py``): ``img_db/`` (the store, vlp/data/img_db.py: LMDB ``all`` + one nbb
+sidecar per ``features.nbb`` entry), ``failures.parquet`` (images not stored: key, corpus, reason, detail),
+``stats.json`` (the metrics below, the failure counts, the work plan and the declared box rule, the first
+``features.nbb`` entry, which every consumer reads the store with), ``boxes_per_image.png`` (histogram of
+the regions a reader gets per image with that rule).
 
 Inputs: ``download`` (the images), ``dedup`` (tables, for ``given_boxes``), ``detector`` (its
 ``detector.pt``, unless ``features.detector.weights`` names a file) and, in world mode, ``world``
@@ -19,7 +18,6 @@ left in ``ctx.out_dir``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -32,14 +30,14 @@ from stages.feature_extraction.config import FeatureConfig
 from stages.feature_extraction.detector.backend import load_backend
 from stages.feature_extraction.pipeline import Extraction, extract
 from stages.feature_extraction.probe import load_scenes, probe_store
+from stages.outputs.detector import DetectorOutput
+from stages.outputs.features import FeaturesOutput
 from stages.outputs.world import WorldOutput
 from vlp.data.img_db import ImgDb, nbb_sidecar_name
 
 FAILURES = pa.schema(
     [("key", pa.string()), ("corpus", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
 )
-STORE = "img_db"
-HISTOGRAM = "boxes_per_image.png"
 
 
 def detector_weights(ctx: StageContext, cfg: FeatureConfig) -> Path:
@@ -47,7 +45,7 @@ def detector_weights(ctx: StageContext, cfg: FeatureConfig) -> Path:
         return Path(cfg.detector.weights)
     if "detector" not in ctx.inputs:
         raise StageError("features.detector.weights is not set and there is no detector stage output to use")
-    return ctx.inputs["detector"] / "detector.pt"
+    return DetectorOutput(ctx.inputs["detector"]).weights
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -56,26 +54,26 @@ def run(ctx: StageContext) -> StageResult:
     # Fail fast, with the backend's one-line message, on a missing or mismatching weight file: inside
     # the actors the same error would surface only after the pipeline started, wrapped by Ray.
     load_backend(cfg.detector, weights)
-    store_dir = ctx.out_dir / STORE
+    out = FeaturesOutput(ctx.out_dir)
 
     def progress(done: int, todo: int, rate: float) -> None:
         ctx.log.info("features: %d/%d images, %.1f images/s", done, todo, rate)
-        ctx.log_metrics({"progress.images": done, "progress.images_per_s": rate}, step=done)
+        ctx.log_metrics({"progress/images": done, "progress/images_per_s": rate}, step=done)
 
-    result = extract(ctx.inputs["download"], ctx.inputs["dedup"], store_dir, cfg, weights, progress)
+    result = extract(ctx.inputs["download"], ctx.inputs["dedup"], out.store_dir, cfg, weights, progress)
     failures = sorted(result.failures, key=lambda f: (f["corpus"], f["key"]))
-    pq.write_table(pa.Table.from_pylist(failures, schema=FAILURES), ctx.out_dir / "failures.parquet")
+    pq.write_table(pa.Table.from_pylist(failures, schema=FAILURES), out.failures_path)
 
-    store = ImgDb(store_dir, *cfg.nbb[0], compress=cfg.compress)
+    store = ImgDb(out.store_dir, *cfg.nbb[0], compress=cfg.compress)
     try:
-        metrics = _extraction_metrics(result, store, store_dir)
+        metrics = _extraction_metrics(result, store, out.store_dir)
         if "world" in ctx.inputs:
             scenes = load_scenes(WorldOutput(ctx.inputs["world"]).scenes_file, cfg.probe.corpora)
             metrics |= probe_store(store, scenes, cfg.probe)
         box_counts = list(store.name2nbb.values())
     finally:
         store.close()
-    _plot_histogram(box_counts, cfg.nbb[0], ctx.out_dir / HISTOGRAM)
+    _plot_histogram(box_counts, cfg.nbb[0], out.histogram_path)
     stats = {
         "metrics": metrics,
         "failed_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
@@ -83,13 +81,14 @@ def run(ctx: StageContext) -> StageResult:
                  "skipped": result.plan.skipped, "shards_read": len(result.plan.files)},
         "weights": str(weights),
     }
-    (ctx.out_dir / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
+    # The first box-count rule is the one every consumer reads the store with.
+    out.write_stats(stats, cfg.nbb[0], cfg.compress)
     ctx.log.info("features: %d images stored, %d failed, %.1f images/s", metrics["images_ok"], len(failures),
                  metrics["images_per_s"])
     return StageResult(
         metrics=metrics,
         params={"mode": cfg.mode, "weights": str(weights), "backend": cfg.detector.backend},
-        artifacts=["stats.json", "failures.parquet", HISTOGRAM],
+        artifacts=[out.stats_path.name, out.failures_path.name, out.histogram_path.name],
     )
 
 
@@ -106,7 +105,7 @@ def _extraction_metrics(result: Extraction, store: ImgDb, store_dir: Path) -> di
         "store_bytes": float(sum(f.stat().st_size for f in store_dir.rglob("*") if f.is_file())),
     }
     for reason, n in Counter(f["reason"] for f in result.failures).items():
-        metrics[f"images_failed.{reason}"] = float(n)
+        metrics[f"images_failed/{reason}"] = float(n)
     if counts:
         metrics |= {"boxes_per_image_mean": sum(counts) / len(counts),
                     "boxes_per_image_min": float(min(counts)), "boxes_per_image_max": float(max(counts))}

@@ -1,8 +1,8 @@
 """Config of the finetuning stages (section ``finetune``): which tasks, from which initialisation, how long.
 
-Each task is its own cached stage ``finetune_<task>`` reading ``finetune.common`` and ``finetune.<task>``,
-so changing one task's settings reruns only that task; ``finetune.tasks`` picks which of them the
-``finetune`` stage (and ``eval``) runs.
+Each task is its own cached stage ``finetune_<task>`` reading ``finetune.common``, ``finetune.<task>``, the
+root ``seed`` and ``runtime`` (precision, threads, skip_missing_images), so changing one task's settings
+reruns only that task; ``finetune.tasks`` picks which of them the ``finetune`` stage (and ``eval``) runs.
 """
 
 from __future__ import annotations
@@ -12,8 +12,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlp.objectives.iais import Anchor
+from vlp.tasks import TASK_NAMES
+from vlp.tasks.common import TaskOptions
+from vlp.tasks.nlvr2 import NLVR2Options
+from vlp.tasks.refexp import RefExpOptions
+from vlp.tasks.vqa import VQAOptions
+from vlp.train.optim import OptimConfig
 
-TASK_NAMES = ("retrieval", "vqa", "nlvr2", "snli_ve", "refcoco")
 TaskName = Literal["retrieval", "vqa", "nlvr2", "snli_ve", "refcoco"]
 Init = Literal["pretrained", "scratch"]
 
@@ -24,17 +29,7 @@ class CommonConfig(BaseModel):
     # pretrained: start from the pretrain stage's encoder (and, for retrieval, its ITM head); scratch: the
     # same architecture randomly initialised (the baseline that shows what pretraining buys); both: run each.
     init: Literal["pretrained", "scratch", "both"] = "both"
-    # Drop the examples whose images the feature store lacks (listed in the log) instead of stopping.
-    skip_missing_images: bool = False
-    # Box-count sidecar of the feature store (conf_th, max_bb, min_bb): one of features.nbb.
-    nbb: tuple[float, int, int] = (0.2, 100, 10)
-    # auto: bf16 autocast where the CPU / GPU supports it (2x faster on the demo machine), else fp32.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # torch intra-op threads on CPU. The finetune_<task> stages are independent, so the graph runs them side
-    # by side: one thread each keeps small-matrix OpenMP from thrashing (5x slower when oversubscribed).
-    threads: int = Field(1, ge=1)
     dropout: float | None = Field(None, ge=0.0, lt=1.0)  # hidden/attention dropout; None keeps the encoder's
-    seed: int = 0
     log_every: int = Field(10, ge=1)  # optimizer steps between training-metric logs
 
     @property
@@ -42,30 +37,27 @@ class CommonConfig(BaseModel):
         return ("pretrained", "scratch") if self.init == "both" else (self.init,)
 
 
-class TrainConfig(BaseModel):
-    """Optimisation of one task (AdamW, linear warmup then linear decay to 0, dynamic batches)."""
+class TrainConfig(OptimConfig):
+    """Optimisation of one task (the optimizer settings, then epochs or steps and dynamic batches)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)  # cap on optimizer steps (None: epochs decide)
     lr: float = Field(1e-4, gt=0)
     head_lr_mult: float = Field(5.0, gt=0)  # the new head learns faster than the encoder (UNITER: 10 for VQA)
-    warmup: float = Field(0.1, ge=0, lt=1)  # fraction of the steps
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float = Field(2.0, ge=0)  # 0 disables clipping
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # cap on optimizer steps (None: epochs decide)
     batch_units: int = Field(2048, ge=1)  # padded input units (examples x (longest text + most regions))
     val_every: int = Field(0, ge=0)  # optimizer steps between validations; 0: at each epoch's end
-    # Task options (vlp.tasks.<task> Options: max_txt_len, min_count, variant, iou_threshold, ...).
-    options: dict[str, Any] = Field(default_factory=dict)
     train_split: str
     val_split: str  # validation curves during finetuning (the eval stage's splits are eval.splits)
 
-    @model_validator(mode="after")
-    def _no_skip_option(self) -> TrainConfig:
-        if "skip_missing" in self.options:
-            raise ValueError("options.skip_missing: set finetune.common.skip_missing_images instead")
-        return self
+
+class HeadTaskConfig(TrainConfig):
+    """A task with a ``vlp.tasks`` head: the options its head and data builder take (``Task.Options``),
+    validated when the config loads; missing images are runtime.skip_missing_images."""
+
+    options: TaskOptions
+
+    def task_options(self) -> dict[str, Any]:
+        return self.options.model_dump()
 
 
 class RetrievalData(BaseModel):
@@ -104,13 +96,12 @@ class RetrievalConfig(TrainConfig):
     batch_units: int = 512  # positives only
     train_split: str = "train"
     val_split: str = "val"
-    # Text dbs of the txtdb stage (flickr30k_*) or the karpathy_txtdb stage (coco_karpathy_*); UNITER trains
-    # COCO retrieval on Karpathy train + restval.
+    # Text dbs of the txtdb stage (flickr30k_*) or the karpathy_txtdb stage (coco_karpathy_*), read as they
+    # were written (cut to txt_db.max_txt_len); UNITER trains COCO retrieval on Karpathy train + restval.
     datasets: dict[str, RetrievalData] = Field(default_factory=lambda: {
         "flickr30k": RetrievalData(train=["flickr30k_train"], val="flickr30k_val", test="flickr30k_test"),
         "coco": RetrievalData(train=["coco_karpathy_train", "coco_karpathy_restval"], val="coco_karpathy_val",
                               test="coco_karpathy_test")})
-    max_txt_len: int = Field(60, ge=1)
     margin: float = Field(0.2, ge=0)
     neg_samples: int = Field(4, ge=1)  # random candidates per positive, per side
     hard_negatives: int = Field(1, ge=1)  # hardest candidates kept per positive, per side
@@ -128,25 +119,29 @@ class RetrievalConfig(TrainConfig):
 
 
 # The demo's VQA has no test-dev: val2014 serves as validation here and as the eval split.
-class VqaConfig(TrainConfig):
+class VqaConfig(HeadTaskConfig):
+    options: VQAOptions = Field(default_factory=VQAOptions)
     train_split: str = "train2014"
     val_split: str = "val2014"
 
 
 # Small training sets (demo: 140 NLVR2 statements, 271 RefCOCO expressions) get more epochs.
-class Nlvr2Config(TrainConfig):
+class Nlvr2Config(HeadTaskConfig):
+    options: NLVR2Options = Field(default_factory=NLVR2Options)
     epochs: float = 6.0
     train_split: str = "train"
     val_split: str = "dev"
 
 
-class SnliVeConfig(TrainConfig):
+class SnliVeConfig(HeadTaskConfig):
+    options: TaskOptions = Field(default_factory=TaskOptions)
     epochs: float = 2.0
     train_split: str = "train"
     val_split: str = "dev"
 
 
-class RefcocoConfig(TrainConfig):
+class RefcocoConfig(HeadTaskConfig):
+    options: RefExpOptions = Field(default_factory=RefExpOptions)
     # An expression and its image's ~10 regions make a short example: smaller batches give the ~271 demo
     # expressions enough steps (2,048 units: 12 steps, no learning; 512 and 20 epochs: 160 steps).
     epochs: float = 20.0

@@ -1,43 +1,47 @@
-"""The ``finetune_<task>`` stages (one cached stage per downstream task) and the ``finetune`` aggregate.
+"""The ``finetune_<task>`` stages: one cached stage per downstream task (output layout in
+``stages/outputs/finetune.py``).
 
-``finetune_<task>`` finetunes the task from each configured initialisation (``finetune.common.init``:
-the pretrained encoder, the same architecture from scratch, or both) and writes one variant dir per run
-(layout in ``stages/finetune/checkpoint.py``)::
+``finetune_<task>`` finetunes the task from each configured initialisation (``finetune.common.init``: the
+pretrained encoder, the same architecture from scratch, or both) and writes one variant dir per run:
+``pretrained/``, ``scratch/``; retrieval ``<dataset>/pretrained/``, ``<dataset>/scratch/`` and, with IAIS on
+and ``iais.compare``, ``<dataset>/pretrained_no_iais/``. Every variant starts from the same seeds (derived
+from the root seed and the task), so variants differ only in what they are meant to.
 
-    <variant>/            pretrained/, scratch/; retrieval: <dataset>/pretrained/, <dataset>/scratch/ and,
-                          with IAIS on and iais.compare, <dataset>/pretrained_no_iais/
-    variants.json         every variant: dir, init, IAIS, steps, seconds, last validation metrics
-
-Curves go to the stage's MLflow run as ``<variant>/train/...`` and ``<variant>/val/...``. Inputs: ``pretrain``
-(encoder, ITM head, tokenizer), ``features`` (regions), and the task's data: ``txtdb`` (retrieval), ``dedup``
-(VQA, NLVR2, SNLI-VE tables) or ``download`` (RefCOCO: tables and image sizes).
-
-``finetune`` depends on the ``finetune_<task>`` of every task in ``finetune.tasks`` and writes
-``finetune.json``: each task's output dir and variants.
+Curves go to the stage's MLflow run as ``<variant>/train/...`` and ``<variant>/val/...``; the final metrics
+are the last validation, ``<variant>/val/<metric>``. Inputs: ``pretrain`` (encoder, ITM head,
+tokenizer), ``features`` (regions), and the task's data: ``txtdb`` and ``karpathy_txtdb`` (retrieval),
+``dedup`` (VQA, NLVR2, SNLI-VE tables) or ``download`` (RefCOCO: tables and image sizes).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from stages.base import StageContext, StageError, StageResult
-from stages.finetune.checkpoint import Pretrained, save_finetuned
-from stages.finetune.config import CommonConfig, FinetuneConfig, RetrievalConfig, TrainConfig
-from stages.finetune.data import image_sizes, open_store, retrieval_data, retrieval_db_dirs, task_data
-from stages.finetune.loop import evaluate_dataset, fit, make_autocast
+from stages.finetune.config import FinetuneConfig, HeadTaskConfig, TrainConfig
+from stages.finetune.loop import fit
+from stages.outputs.features import FeaturesOutput
+from stages.outputs.finetune import FinetuneOutput
+from stages.outputs.pretrain import PretrainOutput
+from stages.outputs.txt_db import TxtDbOutput, find_dbs
 from vlp.data.img_db import ImgDb
 from vlp.eval.retrieval import recall_at_k, score_all_pairs
+from vlp.model import UniterModel
 from vlp.tasks import TASKS
+from vlp.tasks.common import TaskDataError
 from vlp.tasks.retrieval import PairScorer, Retrieval, RetrievalDataset
+from vlp.tasks.splits import retrieval_split, task_image_sizes, task_split
+from vlp.train.device import default_device
+from vlp.train.evaluate import BatchBudgetError, evaluate_dataset
+from vlp.train.precision import Autocast, mixed_precision
+from vlp.train.runtime import RuntimeConfig
+from vlp.train.seeds import seed_of
 
-VARIANTS_FILE = "variants.json"
-INDEX_FILE = "finetune.json"
-STORE = "img_db"
+SKIP_SETTING = "runtime.skip_missing_images"
 
 
 @dataclass(frozen=True)
@@ -61,138 +65,150 @@ def variants_of(task: str, cfg: FinetuneConfig) -> list[Variant]:
     return out
 
 
-def device_of() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass
+class Setup:
+    """What every variant of a task shares."""
 
+    ctx: StageContext
+    task: str
+    cfg: FinetuneConfig
+    runtime: RuntimeConfig
+    seed: int  # the task's, derived from the root seed
+    pre: PretrainOutput
+    out: FinetuneOutput
+    img_db: ImgDb
+    device: torch.device
+    autocast: Autocast
 
-def _logger(ctx: StageContext, prefix: str):
-    def log(metrics: dict[str, float], step: int) -> None:
-        ctx.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step)
-
-    return log
+    def encoder(self, variant: Variant) -> tuple[UniterModel, dict[str, Tensor] | None]:
+        """The encoder a variant starts from, and (pretrained) the pretrained objective heads."""
+        dropout = self.cfg.common.dropout
+        if variant.init == "pretrained":
+            model = self.pre.model(dropout)
+            return model.encoder, model.objectives.state_dict()
+        torch.manual_seed(seed_of(self.seed, "init"))
+        return UniterModel(self.pre.encoder_config(dropout)), None
 
 
 def retrieval_scorer(model, head: Retrieval, data: RetrievalDataset, img_db: ImgDb, device: torch.device,
-                     autocast) -> PairScorer:
+                     autocast: Autocast) -> PairScorer:
     texts = [data.text(j) for j in range(len(data))]
     return PairScorer(model, head, img_db, data.index.img_keys, texts, pad_id=data.pad_id, device=device,
                       autocast=autocast)
 
 
-def finetune_retrieval(ctx: StageContext, variant: Variant, cfg: FinetuneConfig, pre: Pretrained,
-                       img_db: ImgDb, val: RetrievalDataset) -> dict[str, Any]:
-    common, rcfg = cfg.common, cfg.retrieval
-    device, autocast = device_of(), make_autocast(common.precision, device_of())
+def finetune_retrieval(s: Setup, variant: Variant, val: RetrievalDataset) -> dict[str, Any]:
+    rcfg = s.cfg.retrieval
+    dbs = rcfg.datasets[variant.dataset]
+    split = f"{variant.dataset} {rcfg.train_split}"
     # Built per variant: its negative sampler starts from the same seed in every variant.
-    train = retrieval_data(retrieval_db_dirs(ctx.inputs), rcfg.datasets[variant.dataset].train,
-                           f"{variant.dataset} {rcfg.train_split}", img_db, max_txt_len=rcfg.max_txt_len,
-                           skip=common.skip_missing_images, log=ctx.log, neg_samples=rcfg.neg_samples,
-                           seed=common.seed)
-    model = pre.encoder(variant.init, common.dropout, common.seed)
+    train = retrieval_split(find_dbs(retrieval_dbs(s.ctx), dbs.train, f"task retrieval split {split}"), split,
+                            s.img_db, skip=s.runtime.skip_missing_images, setting=SKIP_SETTING, log=s.ctx.log,
+                            neg_samples=rcfg.neg_samples, seed=seed_of(s.seed, "negatives"))
+    model, heads = s.encoder(variant)
+    torch.manual_seed(seed_of(s.seed, "head"))
     head = Retrieval(model.config, margin=rcfg.margin, hard_negatives=rcfg.hard_negatives,
                      iais=rcfg.iais.loss_config() if variant.iais else None, iais_weight=rcfg.iais.weight)
-    if variant.init == "pretrained":
+    if heads is not None:
         try:
-            head.init_from_itm(pre.heads(), str(pre.model_dir / "heads.pt"))
+            head.init_from_itm(heads, str(s.pre.model_dir / "heads.pt"))
         except ValueError as err:
             raise StageError(str(err)) from None
-    model.to(device)
-    head.to(device)
-    scorer = retrieval_scorer(model, head, val, img_db, device, autocast)
+    model.to(s.device)
+    head.to(s.device)
+    scorer = retrieval_scorer(model, head, val, s.img_db, s.device, s.autocast)
     n_img, n_txt = len(val.index.img_keys), len(val)
 
     def validate() -> dict[str, float]:
         return recall_at_k(score_all_pairs(scorer, n_img, n_txt, *rcfg.val_chunk), val.index.txt2img)
 
-    return _fit_and_save(ctx, "retrieval", variant, rcfg, common, model, head, train, validate, device,
-                         autocast)
+    # The eval stage reads the same dbs' test split.
+    return _fit(s, variant, rcfg, model, head, train, validate, {"data": dbs.model_dump()})
 
 
-def finetune_task(ctx: StageContext, task: str, variant: Variant, cfg: FinetuneConfig, pre: Pretrained,
-                  train: Any, val: Any) -> dict[str, Any]:
-    common, tcfg = cfg.common, cfg.task(task)
-    device, autocast = device_of(), make_autocast(common.precision, device_of())
-    model = pre.encoder(variant.init, common.dropout, common.seed)
-    torch.manual_seed(common.seed + 1)
+def finetune_task(s: Setup, variant: Variant, train: Any, val: Any) -> dict[str, Any]:
+    tcfg: HeadTaskConfig = s.cfg.task(s.task)
+    model, _ = s.encoder(variant)
+    torch.manual_seed(seed_of(s.seed, "head"))
     try:
-        head = TASKS[task](model.config, **tcfg.options, **train.head_options)
+        head = TASKS[s.task](model.config, **tcfg.task_options(), **train.head_options)
     except ValueError as err:
-        raise StageError(f"finetune.{task}.options: {err}") from None
+        raise StageError(f"finetune.{s.task}.options: {err}") from None
     head.adapt_encoder(model)
-    model.to(device)
-    head.to(device)
+    model.to(s.device)
+    head.to(s.device)
 
     def validate() -> dict[str, float]:
-        return evaluate_dataset(model, head, val, tcfg.batch_units, device=device, autocast=autocast,
-                                setting=f"finetune.{task}.batch_units")[0]
+        return evaluate_dataset(model, head, val, tcfg.batch_units, device=s.device, autocast=s.autocast,
+                                setting=f"finetune.{s.task}.batch_units")[0]
 
-    return _fit_and_save(ctx, task, variant, tcfg, common, model, head, train, validate, device, autocast)
+    return _fit(s, variant, tcfg, model, head, train, validate, {"options": tcfg.task_options()})
 
 
-def _fit_and_save(ctx: StageContext, task: str, variant: Variant, tcfg: TrainConfig, common: CommonConfig,
-                  model, head, train, validate, device: torch.device, autocast) -> dict[str, Any]:
+def _fit(s: Setup, variant: Variant, tcfg: TrainConfig, model, head, train, validate,
+         extra: dict[str, Any]) -> dict[str, Any]:
+    task, ctx = s.task, s.ctx
     ctx.log.info("finetune_%s: %s: %d training examples", task, variant.name, len(train))
-    result = fit(model, head, train, tcfg, seed=common.seed, log_every=common.log_every, device=device,
-                 autocast=autocast, validate=validate, log=_logger(ctx, variant.name),
-                 setting=f"finetune.{task}")
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        ctx.log_metrics({f"{variant.name}/{k}": v for k, v in metrics.items()}, step)
+
+    result = fit(model, head, train, tcfg, seed=s.seed, log_every=s.cfg.common.log_every, device=s.device,
+                 autocast=s.autocast, validate=validate, log=log, setting=f"finetune.{task}")
     main = head.metric
     ctx.log.info("finetune_%s: %s: %d steps in %.1fs, val %s=%.4f", task, variant.name, result.steps,
                  result.seconds, main, result.final_val.get(main, float("nan")))
     record = {"task": task, **asdict(variant), "steps": result.steps, "seconds": round(result.seconds, 3),
               "train_examples": len(train), "val": result.final_val, "metric": main,
-              "state_extra": head.state_extra(), "options": dict(tcfg.options)}
-    if isinstance(tcfg, RetrievalConfig):  # the eval stage reads the same dbs' test split
-        record["data"] = {**tcfg.datasets[variant.dataset].model_dump(), "max_txt_len": tcfg.max_txt_len}
-    save_finetuned(ctx.out_dir / variant.name, model.cpu(), head.cpu(), record, result.curves)
+              "state_extra": head.state_extra(), **extra}
+    s.out.save_variant(model.cpu(), head.cpu(), record, result.curves)
     return record
 
 
+def retrieval_dbs(ctx: StageContext) -> list[TxtDbOutput]:
+    """Where retrieval text dbs are looked up by name: the txtdb stage's, then karpathy_txtdb's."""
+    return [TxtDbOutput(ctx.inputs["txtdb"]), TxtDbOutput(ctx.inputs["karpathy_txtdb"])]
+
+
+def _variants(s: Setup) -> list[dict[str, Any]]:
+    task, cfg, runtime, ctx = s.task, s.cfg, s.runtime, s.ctx
+    tcfg = cfg.task(task)
+    if task == "retrieval":
+        vals = {}
+        for name, dbs in cfg.retrieval.datasets.items():
+            split = f"{name} {tcfg.val_split}"
+            paths = find_dbs(retrieval_dbs(ctx), [dbs.val], f"task retrieval split {split}")
+            vals[name] = retrieval_split(paths, split, s.img_db, skip=runtime.skip_missing_images,
+                                         setting=SKIP_SETTING, log=ctx.log)
+        return [finetune_retrieval(s, variant, vals[variant.dataset]) for variant in variants_of(task, cfg)]
+    # RefCOCO's table is the download stage's: dedup drops the COCO instances of its evaluation images.
+    tables = ctx.inputs["download" if task == "refcoco" else "dedup"] / "tables"
+    extra = {"image_sizes": task_image_sizes(task, tables, ctx.inputs["download"] / "images")} \
+        if task == "refcoco" else {}
+    train, val = (task_split(task, tables, s.img_db, s.pre.tokenizer_dir, split, tcfg.task_options(),
+                             skip=runtime.skip_missing_images, setting=SKIP_SETTING, log=ctx.log, **extra)
+                  for split in (tcfg.train_split, tcfg.val_split))
+    return [finetune_task(s, variant, train, val) for variant in variants_of(task, cfg)]
+
+
 def run_task(ctx: StageContext, task: str) -> StageResult:
-    cfg: FinetuneConfig = ctx.cfg.finetune
-    torch.set_num_threads(cfg.common.threads)
-    pre = Pretrained(ctx.inputs["pretrain"])
-    img_db = open_store(ctx.inputs["features"] / STORE, cfg.common.nbb)
-    common, tcfg = cfg.common, cfg.task(task)
-    records = []
+    runtime: RuntimeConfig = ctx.cfg.runtime
+    torch.set_num_threads(runtime.threads)
+    device = default_device()
+    img_db = FeaturesOutput(ctx.inputs["features"]).img_db()
+    out = FinetuneOutput(ctx.out_dir)
+    s = Setup(ctx, task, ctx.cfg.finetune, runtime, seed_of(ctx.cfg.seed, "finetune", task),
+              PretrainOutput(ctx.inputs["pretrain"]), out, img_db, device,
+              mixed_precision(runtime.precision, device, loss_scaling=False))
     try:
-        if task == "retrieval":
-            vals = {name: retrieval_data(retrieval_db_dirs(ctx.inputs), [dbs.val], f"{name} {tcfg.val_split}",
-                                         img_db, max_txt_len=cfg.retrieval.max_txt_len,
-                                         skip=common.skip_missing_images, log=ctx.log)
-                    for name, dbs in cfg.retrieval.datasets.items()}
-            for variant in variants_of(task, cfg):
-                records.append(finetune_retrieval(ctx, variant, cfg, pre, img_db, vals[variant.dataset]))
-        else:
-            extra = {"image_sizes": image_sizes(task, ctx.inputs)} if task == "refcoco" else {}
-            train, val = (task_data(task, split, ctx.inputs, img_db, pre.tokenizer_dir, tcfg.options,
-                                    common.skip_missing_images, ctx.log, **extra)
-                          for split in (tcfg.train_split, tcfg.val_split))
-            for variant in variants_of(task, cfg):
-                records.append(finetune_task(ctx, task, variant, cfg, pre, train, val))
+        records = _variants(s)
+    except (TaskDataError, BatchBudgetError) as err:
+        raise StageError(str(err)) from None
     finally:
         img_db.close()
-    (ctx.out_dir / VARIANTS_FILE).write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
-    metrics = {f"{r['name']}.val.{k}": float(v) for r in records for k, v in r["val"].items()}
-    metrics |= {f"{r['name']}.steps": float(r["steps"]) for r in records}
-    return StageResult(metrics=metrics, params={"task": task, "variants": [r["name"] for r in records]},
-                       artifacts=[VARIANTS_FILE])
-
-
-def read_variants(task_dir: Path) -> list[dict[str, Any]]:
-    path = task_dir / VARIANTS_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise StageError(f"{path}: cannot read the finetuned variants ({err})") from None
-
-
-def run(ctx: StageContext) -> StageResult:
-    """The aggregate: an index of every configured task's finetune output."""
-    cfg: FinetuneConfig = ctx.cfg.finetune
-    index = {task: {"dir": str(ctx.inputs[f"finetune_{task}"]),
-                    "variants": read_variants(ctx.inputs[f"finetune_{task}"])} for task in cfg.tasks}
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    (ctx.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
-    metrics = {f"{task}.{v['name']}.val.{v['metric']}": float(v["val"][v["metric"]])
-               for task, entry in index.items() for v in entry["variants"] if v["metric"] in v["val"]}
-    return StageResult(metrics=metrics, params={"tasks": list(cfg.tasks)}, artifacts=[INDEX_FILE])
+    out.write_variants(records)
+    final = {f"{r['name']}/val/{k}": float(v) for r in records for k, v in r["val"].items()}
+    steps = {f"{r['name']}/val/{k}": r["steps"] for r in records for k in r["val"]}
+    final |= {f"{r['name']}/steps": float(r["steps"]) for r in records}
+    return StageResult(metrics=final, params={"task": task, "variants": [r["name"] for r in records]},
+                       artifacts=[out.variants_path.name], metric_steps=steps)

@@ -1,51 +1,43 @@
 """The ``pretrain`` stage: UNITER pretraining with Ray Train on the txtdb stage's text dbs and the features
-stage's region store.
-
-Output (in ``ctx.out_dir``)::
-
-    model/              the pretrained encoder (``UniterModel.from_pretrained``: config.json, model.pt),
-                        plus heads.pt (the objectives' heads) and heads.json (their constructor options)
-    tokenizer/          copy of the txtdb tokenizer the encoder's vocabulary belongs to
-    metrics.json        validation of the untrained (step 0) and of the final model, whole-run throughput
-    ray_train/run/      Ray Train's checkpoints; a rerun of a killed stage (same key) resumes from them
+stage's region store; output layout in ``stages/outputs/pretrain.py``.
 
 Inputs: ``txtdb`` and ``features``. The curves (per-task loss, accuracy, examples/s, input units/s,
-padding; validation) go to the stage's MLflow run from rank 0.
+padding: ``train/...``; validation: ``val/...``, the untrained model's at step 0) go to the stage's MLflow
+run from rank 0; the final metrics use the same names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from stages.base import StageContext, StageError, StageResult
+from stages.base import MetricLogger, StageContext, StageError, StageResult
+from stages.outputs.features import FeaturesOutput
+from stages.outputs.pretrain import PretrainOutput
+from stages.outputs.txt_db import TxtDbOutput
 from stages.pretrain import checkpointing
 from stages.pretrain.config import PretrainConfig
-from stages.pretrain.data import Corpus, build_corpus
-from stages.pretrain.loop import LoopSpec, StepEvent, task_metrics, train_fn
-from stages.pretrain.modeling import build_model, encoder_config, objective_options
+from stages.pretrain.data import Corpus, PretrainInputs, build_corpus
+from stages.pretrain.loop import LoopSpec, StepEvent, throughput_metrics, train_fn
 from vlp.data.batching import UnitBatchSampler
+from vlp.train.metrics import MetricSums
+from vlp.train.pretrain_model import build_model, encoder_config, objective_options
+from vlp.train.runtime import RuntimeConfig
 
-STORE = "img_db"
-TOKENIZER_DIR = "tokenizer"
-MODEL_DIR = "model"
-METRICS = "metrics.json"
-TRAIN_DIR = "ray_train"
 RUN_NAME = "run"
+FATAL_MARKER = "fatal.txt"
+NO_RUN = MetricLogger()  # logs nothing
 
 
-def preflight(cfg: PretrainConfig, txt_db_dir: Path, img_db_dir: Path) -> Corpus:
+def preflight(cfg: PretrainConfig, seed: int, inputs: PretrainInputs) -> Corpus:
     """Everything that can be checked before workers start: dbs, task inputs, batch budgets, BERT init."""
     try:
-        corpus = build_corpus(cfg, txt_db_dir, img_db_dir)
+        corpus = build_corpus(cfg, seed, inputs)
     except ValueError as err:
         raise StageError(" ".join(str(err).split())) from None
     train_lens = (corpus.train.txt_lens, corpus.train.img_lens)
@@ -59,32 +51,32 @@ def preflight(cfg: PretrainConfig, txt_db_dir: Path, img_db_dir: Path) -> Corpus
         except ValueError as err:
             raise StageError(f"pretrain.{setting}: {err}") from None
     if cfg.model.init_from_bert is not None:
-        vocab_size = int(corpus.meta.get("vocab_size") or corpus.meta["v_range"][1])
         try:
-            build_model(encoder_config(cfg, vocab_size, corpus.img_dim), {}, cfg.model.init_from_bert)
+            build_model(encoder_config(cfg.model, corpus.vocab_size, corpus.img_dim), {},
+                        cfg.model.init_from_bert)
         except ValueError as err:
             raise StageError(f"pretrain.model.init_from_bert: {' '.join(str(err).split())}") from None
     return corpus
 
 
-def fit(
-    cfg: PretrainConfig,
-    txt_db_dir: Path,
-    img_db_dir: Path,
-    storage: Path,
-    mlflow: tuple[str | None, str | None] = (None, None),
-    hooks: Sequence[Callable[[StepEvent], None]] = (),
-) -> Result:
-    """Run (or resume, when ``storage`` holds checkpoints of this run) the TorchTrainer to the last step."""
+def build_trainer(cfg: PretrainConfig, inputs: PretrainInputs, storage: Path, *, seed: int,
+                  runtime: RuntimeConfig, metrics: MetricLogger = NO_RUN,
+                  hooks: Sequence[Callable[[StepEvent], None]] = ()) -> TorchTrainer:
+    """The TorchTrainer of one pretraining run, checkpointing into ``storage``: its ``fit()`` runs (or, when
+    ``storage`` holds checkpoints of the run, resumes) to the last step. Ray Train restarts failed workers
+    from the last checkpoint up to ``cfg.max_failures`` times, except after a deterministic failure (bad
+    data, NaN loss), which the workers record in ``storage/fatal.txt`` so that a retry stops at once;
+    ``fit`` (below) turns either into a one-line StageError. ``metrics``: the MLflow run rank 0 logs to."""
     storage.mkdir(parents=True, exist_ok=True)
-    marker = storage / "fatal.txt"
-    marker.unlink(missing_ok=True)  # a new attempt of the stage gets a fresh chance
-    spec = LoopSpec(cfg.model_dump(mode="json"), str(txt_db_dir), str(img_db_dir), str(marker), *mlflow,
+    marker = storage / FATAL_MARKER
+    marker.unlink(missing_ok=True)  # a new attempt gets a fresh chance
+    spec = LoopSpec(cfg.model_dump(mode="json"), seed, runtime.model_dump(mode="json"),
+                    str(inputs.txtdb.root), str(inputs.features.root), str(marker), metrics,
                     hooks=tuple(hooks))
-    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
-    trainer = TorchTrainer(
+    resources = {"CPU": runtime.threads} | ({"GPU": 1} if cfg.use_gpu else {})
+    return TorchTrainer(
         train_fn,
-        # Not dataclasses.asdict: it would turn hooks that are dataclasses into dicts.
+        # Not dataclasses.asdict: it would turn hooks and the logger, dataclasses, into dicts.
         train_loop_config={f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
@@ -95,6 +87,11 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
+
+
+def fit(trainer: TorchTrainer, storage: Path) -> Result:
+    """``trainer.fit()`` of a ``build_trainer`` trainer, its failures as one-line StageErrors."""
+    marker = storage / FATAL_MARKER
     try:
         result = trainer.fit()
     except Exception as err:
@@ -108,49 +105,47 @@ def fit(
     return result
 
 
-def export(cfg: PretrainConfig, corpus: Corpus, checkpoint_dir: Path, txt_db_dir: Path, out: Path) -> dict:
+def export(cfg: PretrainConfig, corpus: Corpus, checkpoint_dir: Path, tokenizer_dir: Path,
+           out: PretrainOutput) -> dict:
     """Write model/, tokenizer/ and metrics.json from the final checkpoint; returns the metrics record."""
     state = checkpointing.load_state(checkpoint_dir)
     progress = checkpointing.load_progress(checkpoint_dir)
-    vocab_size = int(corpus.meta.get("vocab_size") or corpus.meta["v_range"][1])
     options = objective_options(cfg, corpus.meta, corpus.label_dim)
-    model = build_model(encoder_config(cfg, vocab_size, corpus.img_dim), options)
+    model = build_model(encoder_config(cfg.model, corpus.vocab_size, corpus.img_dim), options)
     model.load_state_dict(state["model"])
-    model_dir = out / MODEL_DIR
-    model.encoder.save_pretrained(model_dir)
-    torch.save(model.objectives.state_dict(), model_dir / "heads.pt")
-    (model_dir / "heads.json").write_text(json.dumps(options, indent=1, sort_keys=True) + "\n")
-    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
-    shutil.copytree(txt_db_dir / TOKENIZER_DIR, out / TOKENIZER_DIR)
+    out.write_model(model, options, tokenizer_dir)
+    totals = {task: MetricSums(sums) for task, sums in progress.get("totals", {}).items()}
     record = {
         "steps": progress["step"],
         "untrained": progress.get("initial", {}),
         "final": progress.get("validation", {}),
-        "throughput": task_metrics(progress.get("totals", {})),
+        "throughput": throughput_metrics(totals),
         "train_captions": len(corpus.train),
         "notes": corpus.notes,
     }
-    (out / METRICS).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    out.write_metrics(record)
     return record
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg: PretrainConfig = ctx.cfg.pretrain
-    txt_db_dir, img_db_dir = ctx.inputs["txtdb"], ctx.inputs["features"] / STORE
-    corpus = preflight(cfg, txt_db_dir, img_db_dir)
+    inputs = PretrainInputs(TxtDbOutput(ctx.inputs["txtdb"]), FeaturesOutput(ctx.inputs["features"]))
+    out = PretrainOutput(ctx.out_dir)
+    corpus = preflight(cfg, ctx.cfg.seed, inputs)
     for note in corpus.notes:
         ctx.log.info("pretrain: %s", note)
-    result = fit(cfg, txt_db_dir, img_db_dir, ctx.out_dir / TRAIN_DIR,
-                 (ctx.mlflow_tracking_uri, ctx.mlflow_run_id))
+    trainer = build_trainer(cfg, inputs, out.train_dir, seed=ctx.cfg.seed, runtime=ctx.cfg.runtime,
+                            metrics=ctx.metrics)
+    result = fit(trainer, out.train_dir)
     with result.checkpoint.as_directory() as directory:
-        record = export(cfg, corpus, Path(directory), txt_db_dir, ctx.out_dir)
-    metrics = {f"untrained.{k}": v for k, v in record["untrained"].items()}
-    metrics |= {f"final.{k}": v for k, v in record["final"].items()}
-    metrics |= {f"train.{k.replace('/', '.')}": v for k, v in record["throughput"].items()}
-    metrics["steps"] = float(record["steps"])
+        record = export(cfg, corpus, Path(directory), inputs.txtdb.tokenizer_dir, out)
     ctx.log.info("pretrain: %d steps; untrained %s; final %s", record["steps"], record["untrained"],
                  record["final"])
+    # The last points of the curves: the final validation and the whole run's training metrics.
+    curves = {f"val/{k}": v for k, v in record["final"].items()}
+    curves |= {f"train/{k}": v for k, v in record["throughput"].items()}
+    metrics = {k: float(v) for k, v in curves.items() if np.isfinite(v)}
     params = {"tasks": dict(sorted(cfg.tasks.items())), "model_size": cfg.model.size,
               "num_workers": cfg.num_workers, "train_captions": len(corpus.train)}
-    return StageResult(metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)}, params=params,
-                       artifacts=[METRICS])
+    return StageResult(metrics=metrics | {"steps": float(record["steps"])}, params=params,
+                       artifacts=[out.metrics_path.name], metric_steps={k: record["steps"] for k in metrics})

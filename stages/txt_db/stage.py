@@ -1,12 +1,9 @@
 """The ``txtdb`` stage: tokenized text DBs of the deduplicated captions, in UNITER's txt_db layout.
 
-Output (in ``ctx.out_dir``)::
-
-    tokenizer/               the tokenizer (vlp/data/tokenizer.py): tokenizer.json, tokenizer_config.json,
-                             vocab.txt
-    <corpus>_<split>.db/     one txt_db per corpus split (vlp/data/txt_db.py), e.g. coco_train2014.db,
-                             flickr30k_test.db, and vg_train.db from the VG region descriptions
-    stats.json               per DB: examples, images, tokens, mean / max length, truncated and empty texts
+Output (``stages/outputs/txt_db.py``): ``tokenizer/`` (vlp/data/tokenizer.py: tokenizer.json,
+tokenizer_config.json, vocab.txt), one ``<corpus>_<split>.db`` per corpus split (vlp/data/txt_db.py; e.g.
+coco_train2014.db, flickr30k_test.db, and vg_train.db from the VG region descriptions), ``stats.json`` (per
+DB: examples, images, tokens, mean / max length, truncated and empty texts; the tokenizer).
 
 Input: ``dedup`` (``tables/captions.parquet`` and ``tables/regions.parquet``). Text ids are
 ``<corpus>:<caption_id>`` for captions and ``vg:region:<region_id>`` for regions; ``img_fname`` is the
@@ -17,7 +14,6 @@ starts clean.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +25,7 @@ import pyarrow.parquet as pq
 from transformers import BertTokenizerFast
 
 from stages.base import StageContext, StageError, StageResult
+from stages.outputs.txt_db import TxtDbOutput
 from stages.txt_db.config import TxtDbConfig
 from vlp.data.tokenizer import (
     TRAINED_NAME,
@@ -43,8 +40,6 @@ from vlp.data.txt_db import TxtDbWriter
 
 CAPTIONS_TABLE = "tables/captions.parquet"
 REGIONS_TABLE = "tables/regions.parquet"
-TOKENIZER_DIR = "tokenizer"
-STATS = "stats.json"
 # VG has no official caption split; UNITER's pretraining reads its region descriptions as one training set.
 VG_REGION_SPLIT = "train"
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -163,12 +158,13 @@ def _tokenizer(cfg: TxtDbConfig, sources: list[TextSource]) -> tuple[BertTokeniz
         raise StageError(f"txt_db.tokenizer: {e}") from None
 
 
-def write_db(src: TextSource, tok: BertTokenizerFast, out_dir: Path, meta: dict,
+def write_db(src: TextSource, tok: BertTokenizerFast, out: TxtDbOutput, meta: dict,
              max_txt_len: int) -> dict[str, int | float]:
-    """Tokenize, truncate and store one source; returns its stats."""
+    """Tokenize, truncate to ``max_txt_len`` (recorded in the db's meta) and store one source; returns its
+    stats."""
     lengths: list[int] = []
     truncated = empty = 0
-    with TxtDbWriter(out_dir / f"{src.db_name}.db", meta) as writer:
+    with TxtDbWriter(out.db_path(src.db_name), {**meta, "max_txt_len": max_txt_len}) as writer:
         for start in range(0, len(src.texts), _ENCODE_CHUNK):
             chunk = slice(start, start + _ENCODE_CHUNK)
             for txt_id, img, text, ids in zip(src.txt_ids[chunk], src.img_keys[chunk], src.texts[chunk],
@@ -191,22 +187,22 @@ def run(ctx: StageContext) -> StageResult:
     dedup = ctx.inputs["dedup"]
     sources = read_sources(dedup, cfg)
     tok, name = _tokenizer(cfg, sources)
+    out = TxtDbOutput(ctx.out_dir)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(tok, ctx.out_dir / TOKENIZER_DIR)
-    base_meta = {**tokenizer_meta(tok, name), "tokenizer_dir": f"../{TOKENIZER_DIR}",
-                 "max_txt_len": cfg.max_txt_len}
+    save_tokenizer(tok, out.tokenizer_dir)
+    base_meta = {**tokenizer_meta(tok, name), "tokenizer_dir": f"../{out.tokenizer_dir.name}"}
     per_db: dict[str, dict] = {}
     for src in sources:
-        meta = {**base_meta, "output": f"{src.db_name}.db", "annotations": [src.table], "corpus": src.corpus,
-                "split": src.split}
-        per_db[src.db_name] = write_db(src, tok, ctx.out_dir, meta, cfg.max_txt_len)
+        meta = {**base_meta, "output": out.db_path(src.db_name).name, "annotations": [src.table],
+                "corpus": src.corpus, "split": src.split}
+        per_db[src.db_name] = write_db(src, tok, out, meta, cfg.max_txt_len)
         ctx.log.info("txtdb: %s.db: %s", src.db_name, per_db[src.db_name])
     totals = {k: sum(s[k] for s in per_db.values()) for k in ("examples", "tokens", "truncated", "empty")}
     stats = {"tokenizer": {"name": name, "vocab_size": base_meta["vocab_size"],
                            "do_lower_case": base_meta["do_lower_case"], "max_txt_len": cfg.max_txt_len},
              "dbs": per_db, "total": totals}
-    (ctx.out_dir / STATS).write_text(json.dumps(stats, indent=2))
+    out.write_stats(stats)
     metrics = {"vocab_size": float(base_meta["vocab_size"]), **{k: float(v) for k, v in totals.items()},
-               **{f"examples.{db}": float(s["examples"]) for db, s in per_db.items()}}
+               **{f"examples/{db}": float(s["examples"]) for db, s in per_db.items()}}
     params = {"tokenizer": name, "dbs": ",".join(per_db)}
-    return StageResult(metrics=metrics, params=params, artifacts=[STATS])
+    return StageResult(metrics=metrics, params=params, artifacts=[out.stats_path.name])

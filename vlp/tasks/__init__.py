@@ -9,3 +9,4 @@ from vlp.tasks.snli_ve import SNLIVE
 from vlp.tasks.vqa import VQA
 
 TASKS = {"vqa": VQA, "nlvr2": NLVR2, "snli_ve": SNLIVE, "refcoco": RefExp}
+TASK_NAMES = ("retrieval", *TASKS)

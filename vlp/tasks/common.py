@@ -1,5 +1,5 @@
 """Pieces every downstream task shares: reading a task table split, tokenizing, the missing-image check,
-the dataset base class, running the encoder, the classifier MLP and turning summed counts into metrics.
+the dataset base class, running the encoder and the classifier MLP.
 
 A task is an ``nn.Module`` head over an encoder it does not own, plus ``build_data`` that makes its
 ``TaskDataset``. Options live in one pydantic model per task (``Task.Options``) so that the same config
@@ -43,7 +43,6 @@ class TaskOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_txt_len: int = Field(60, ge=1)  # word pieces kept per text, [CLS]/[SEP] not counted
-    skip_missing: bool = False  # drop examples whose images are not in the store instead of failing
 
 
 def validate_options(task: str, options_cls: type[TaskOptions], options: dict[str, Any]) -> TaskOptions:
@@ -205,9 +204,9 @@ def select_present(records: list[dict[str, Any]], img_db: ImgDb, skip_missing: b
 
 
 def finish_records(records: list[dict[str, Any]], img_db: ImgDb, tokenizer_dir: Path, options: TaskOptions,
-                   where: str) -> tuple[list[dict[str, Any]], list[str], int]:
+                   where: str, skip_missing: bool) -> tuple[list[dict[str, Any]], list[str], int]:
     """``select_present``, then each kept record's ``text`` replaced by its ``input_ids``."""
-    records, missing, num_images = select_present(records, img_db, options.skip_missing, where)
+    records, missing, num_images = select_present(records, img_db, skip_missing, where)
     texts = [r.pop("text") for r in records]
     for record, ids in zip(records, tokenize(tokenizer_dir, texts, options.max_txt_len), strict=True):
         record["input_ids"] = ids
@@ -233,20 +232,6 @@ def accuracy_counts(prefix: str, correct: Tensor) -> dict[str, Tensor]:
         f"{prefix}_correct": correct.sum().detach(),
         f"{prefix}_count": torch.tensor(correct.numel(), device=correct.device),
     }
-
-
-def metrics_from_sums(sums: dict[str, float]) -> dict[str, float]:
-    """Metrics from counts summed over batches (and workers): ``<x>_correct / <x>_count`` -> ``<x>_acc``,
-    ``vqa_score_sum / vqa_count`` -> ``vqa_score``; a zero count gives no metric."""
-    out = {}
-    for key, value in sums.items():
-        for suffix, metric in (("_correct", "_acc"), ("_score_sum", "_score")):
-            if key.endswith(suffix):
-                prefix = key[: -len(suffix)]
-                count = float(sums.get(f"{prefix}_count", 0))
-                if count > 0:
-                    out[prefix + metric] = float(value) / count
-    return out
 
 
 class TaskHead(nn.Module):

@@ -161,8 +161,8 @@ class NLVR2(TaskHead):
         init_head_weights(self, encoder_config.initializer_range)
 
     @classmethod
-    def build_data(cls, tables_dir: Path, img_db: ImgDb, tokenizer_dir: Path, split: str,
-                   **options: Any) -> NLVR2Dataset:
+    def build_data(cls, tables_dir: Path, img_db: ImgDb, tokenizer_dir: Path, split: str, *,
+                   skip_missing: bool = False, **options: Any) -> NLVR2Dataset:
         opts = validate_options(cls.name, cls.Options, options)
         source, rows = read_task_rows(tables_dir, cls.name, split)
         records = []
@@ -177,7 +177,8 @@ class NLVR2(TaskHead):
                 "label": require(row["label"], where, "label"),
             })
         where = f"{source} split {split}"
-        records, missing, num_images = finish_records(records, img_db, tokenizer_dir, opts, where)
+        records, missing, num_images = finish_records(records, img_db, tokenizer_dir, opts, where,
+                                                      skip_missing)
         return NLVR2Dataset(split, source, img_db, records, missing, num_images, variant=opts.variant)
 
     def adapt_encoder(self, model: UniterModel) -> None:

@@ -170,7 +170,8 @@ class RefExp(TaskHead):
     @classmethod
     def build_data(cls, tables_dir: Path, img_db: ImgDb, tokenizer_dir: Path, split: str, *,
                    image_sizes: Mapping[str, tuple[int, int]], gt_img_db: ImgDb | None = None,
-                   objects_table: Path | None = None, **options: Any) -> RefExpDataset:
+                   objects_table: Path | None = None, skip_missing: bool = False,
+                   **options: Any) -> RefExpDataset:
         """The expressions of ``split`` over the detected regions of ``img_db``, or, given ``gt_img_db``,
         over the ground-truth regions stored there (then ``img_db`` is not read), whose count per image is
         checked against the COCO instances in ``objects_table`` (default ``<tables_dir>/objects.parquet``;
@@ -193,7 +194,8 @@ class RefExp(TaskHead):
                     "text": require(sentence, where, f"sentences[{k}]"),
                 })
         where = f"{source} split {split}"
-        records, missing, num_images = finish_records(records, store, tokenizer_dir, opts, where)
+        records, missing, num_images = finish_records(records, store, tokenizer_dir, opts, where,
+                                                      skip_missing)
         boxes = _region_boxes(store, {r["img_keys"][0] for r in records})
         if regions == "gt":
             objects_table = Path(tables_dir) / "objects.parquet" if objects_table is None else objects_table

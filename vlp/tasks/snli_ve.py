@@ -49,8 +49,8 @@ class SNLIVE(TaskHead):
         self.classifier = classifier_mlp(encoder_config, len(LABELS))
 
     @classmethod
-    def build_data(cls, tables_dir: Path, img_db: ImgDb, tokenizer_dir: Path, split: str,
-                   **options: Any) -> SNLIVEDataset:
+    def build_data(cls, tables_dir: Path, img_db: ImgDb, tokenizer_dir: Path, split: str, *,
+                   skip_missing: bool = False, **options: Any) -> SNLIVEDataset:
         opts = validate_options(cls.name, cls.Options, options)
         source, rows = read_task_rows(tables_dir, cls.name, split)
         records = []
@@ -66,7 +66,8 @@ class SNLIVE(TaskHead):
                 "label": LABELS.index(label),
             })
         where = f"{source} split {split}"
-        records, missing, num_images = finish_records(records, img_db, tokenizer_dir, opts, where)
+        records, missing, num_images = finish_records(records, img_db, tokenizer_dir, opts, where,
+                                                      skip_missing)
         return SNLIVEDataset(split, source, img_db, records, missing, num_images)
 
     def forward(self, model: UniterModel, batch: dict[str, Any]) -> dict[str, Any]:

@@ -101,8 +101,8 @@ class VQA(TaskHead):
         self.classifier = classifier_mlp(encoder_config, len(ans2label))
 
     @classmethod
-    def build_data(cls, tables_dir: Path, img_db: ImgDb, tokenizer_dir: Path, split: str,
-                   **options: Any) -> VQADataset:
+    def build_data(cls, tables_dir: Path, img_db: ImgDb, tokenizer_dir: Path, split: str, *,
+                   skip_missing: bool = False, **options: Any) -> VQADataset:
         opts = validate_options(cls.name, cls.Options, options)
         source, rows = read_task_rows(tables_dir, cls.name, split)
         if split == opts.train_split:
@@ -131,7 +131,8 @@ class VQA(TaskHead):
                 "answer_type": row["answer_type"], "labels": labels, "scores": scores,
             })
         where = f"{source} split {split}"
-        records, missing, num_images = finish_records(records, img_db, tokenizer_dir, opts, where)
+        records, missing, num_images = finish_records(records, img_db, tokenizer_dir, opts, where,
+                                                      skip_missing)
         return VQADataset(split, source, img_db, records, missing, num_images, ans2label=ans2label)
 
     def forward(self, model: UniterModel, batch: dict[str, Any]) -> dict[str, Any]:

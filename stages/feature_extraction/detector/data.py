@@ -97,14 +97,14 @@ def build_vocabulary(images: list[AnnotatedImage], cfg: DetectorTrainConfig) -> 
 
 
 def split_images(
-    images: list[AnnotatedImage], cfg: DetectorTrainConfig
+    images: list[AnnotatedImage], cfg: DetectorTrainConfig, seed: int
 ) -> tuple[list[AnnotatedImage], list[AnnotatedImage]]:
-    """(train, held-out): a seeded draw of ``val_fraction`` of the images, at least one each."""
+    """(train, held-out): a draw of ``val_fraction`` of the images seeded by ``seed``, at least one each."""
     if len(images) < 2:
         raise StageError(
             f"need at least 2 Visual Genome images to train and measure the detector, got {len(images)}"
         )
     ordered = sorted(images, key=lambda img: img.key)
-    random.Random(cfg.seed).shuffle(ordered)
+    random.Random(seed).shuffle(ordered)
     n_val = min(max(1, round(len(ordered) * cfg.val_fraction)), len(ordered) - 1)
     return ordered[n_val:], ordered[:n_val]

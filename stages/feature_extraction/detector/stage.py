@@ -1,8 +1,8 @@
 """Detector stage: train the torchvision detector on Visual Genome objects + attributes (cached).
 
 Runs only when ``features.detector.weights`` is unset: the features stage then loads the weights
-this stage writes. Reads dedup's output (input ``dedup``), holds out ``train.val_fraction`` of the VG
-images and writes into ``ctx.out_dir``:
+this stage writes; its seeds derive from the root ``seed``. Reads dedup's output (input ``dedup``), holds
+out ``train.val_fraction`` of the VG images and writes into ``ctx.out_dir``:
 
     detector.pt     the weight file (config architecture + vocabularies inside), see torchvision_backend
     classes.json    {"classes": [...], "attributes": [...], "train_images": n, "heldout_keys": [...]}
@@ -22,10 +22,8 @@ from stages.base import StageContext, StageError, StageResult
 from stages.feature_extraction.detector.data import build_vocabulary, load_vg, split_images
 from stages.feature_extraction.detector.torchvision_backend import TorchvisionBackend, save_checkpoint
 from stages.feature_extraction.detector.train import evaluate, fit
-
-WEIGHTS = "detector.pt"
-CLASSES = "classes.json"
-METRICS = "metrics.json"
+from stages.outputs.detector import DetectorOutput
+from vlp.train.seeds import seed_of
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -36,8 +34,9 @@ def run(ctx: StageContext) -> StageResult:
             "detector can be trained here"
         )
     torch.set_num_threads(cfg.train.threads)
+    out = DetectorOutput(ctx.out_dir)
     images, skipped = load_vg(ctx.inputs["dedup"])
-    train, heldout = split_images(images, cfg.train)
+    train, heldout = split_images(images, cfg.train, seed_of(ctx.cfg.seed, "detector", "heldout"))
     vocab = build_vocabulary(train, cfg.train)
     if not vocab.classes:
         raise StageError(f"{ctx.inputs['dedup']}: the Visual Genome training images have no named objects")
@@ -50,12 +49,12 @@ def run(ctx: StageContext) -> StageResult:
     )
 
     started = time.perf_counter()
-    model = fit(cfg, train, vocab, lambda epoch, losses: ctx.log_metrics(losses, step=epoch))
+    model = fit(cfg, train, vocab, ctx.cfg.seed, lambda epoch, losses: ctx.log_metrics(losses, step=epoch))
     train_seconds = time.perf_counter() - started
-    save_checkpoint(ctx.out_dir / WEIGHTS, cfg, model, vocab.classes, vocab.attributes)
+    save_checkpoint(out.weights, cfg, model, vocab.classes, vocab.attributes)
 
     # measured through the weight file, exactly as the features stage will load it
-    backend = TorchvisionBackend.from_checkpoint(cfg, ctx.out_dir / WEIGHTS)
+    backend = TorchvisionBackend.from_checkpoint(cfg, out.weights)
     quality = evaluate(backend, heldout, batch_size=cfg.train.batch_size)
     metrics = {
         **{f"heldout_{name}": value for name, value in quality.items()},
@@ -66,7 +65,7 @@ def run(ctx: StageContext) -> StageResult:
         "num_attributes": float(len(vocab.attributes)),
         **{f"skipped_{reason}": float(n) for reason, n in skipped.items()},
     }
-    (ctx.out_dir / CLASSES).write_text(
+    out.classes_path.write_text(
         json.dumps(
             {
                 "classes": vocab.classes,
@@ -77,9 +76,9 @@ def run(ctx: StageContext) -> StageResult:
             indent=1,
         )
     )
-    (ctx.out_dir / METRICS).write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    out.metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
     return StageResult(
         metrics=metrics,
         params={"classes": len(vocab.classes), "attributes": len(vocab.attributes)},
-        artifacts=[CLASSES, METRICS],
+        artifacts=[out.classes_path.name, out.metrics_path.name],
     )

@@ -21,6 +21,7 @@ from stages.feature_extraction.detector.backend import DetectorBackend
 from stages.feature_extraction.detector.config import DetectorConfig
 from stages.feature_extraction.detector.data import AnnotatedImage, Vocabulary
 from stages.feature_extraction.detector.model import RegionDetector
+from vlp.train.seeds import seed_of
 
 log = logging.getLogger("vlp.detector")
 
@@ -72,12 +73,14 @@ def fit(
     cfg: DetectorConfig,
     images: list[AnnotatedImage],
     vocab: Vocabulary,
+    seed: int,
     log_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, losses: None,
 ) -> RegionDetector:
-    """Train a detector from scratch on ``images``; ``log_epoch`` gets each epoch's mean losses."""
+    """Train a detector from scratch on ``images``; ``seed`` (the root seed) seeds the initialisation and the
+    batch order and flips; ``log_epoch`` gets each epoch's mean losses."""
     tc = cfg.train
-    torch.manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
+    torch.manual_seed(seed_of(seed, "detector", "init"))
+    rng = np.random.default_rng(seed_of(seed, "detector", "batches"))
     model = RegionDetector(cfg, len(vocab.classes), len(vocab.attributes))
     if tc.scale_jitter is not None:
         lo, hi = tc.scale_jitter

@@ -1,19 +1,55 @@
-"""The model pretraining optimizes: the UNITER encoder plus one objective module (heads) per task."""
+"""The model pretraining optimizes: the UNITER encoder plus one objective module (heads) per task, and the
+config of both (the encoder size and the objectives' options are stored with every pretrained model)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
-import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from stages.pretrain.config import PretrainConfig
 from vlp.model import UniterConfig, UniterModel, init_from_bert
 from vlp.objectives import REGISTRY
 from vlp.objectives.itm import ITM
 from vlp.objectives.mlm import MLM
 from vlp.objectives.mrm import MaskedRegionObjective
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    size: Literal["tiny", "base", "large"] = "tiny"
+    # Local Hugging Face BERT dir whose text embeddings, layers and pooler initialise the encoder (its
+    # vocab must be the txt_db tokenizer's). None: random initialisation.
+    init_from_bert: str | None = None
+    # Hidden and attention dropout; None keeps the preset's (0.1).
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+
+
+class ObjectivesConfig(BaseModel):
+    """The pretraining tasks, their mix and their options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Task -> mix ratio; one task per optimizer step, drawn by these ratios (UNITER's best mix).
+    tasks: dict[str, float] = {"mlm": 2.0, "mrfr": 1.0, "mrc_kl": 1.0, "itm": 2.0}
+    masking: Literal["conditional", "joint"] = "conditional"
+    mask_prob: float = Field(0.15, gt=0, le=1)
+    itm_neg_prob: float = Field(0.5, ge=0, le=1)
+    wra: bool = True  # word-region alignment (optimal transport) alongside ITM
+    wra_weight: float = Field(0.1, ge=0)
+    wra_beta: float = Field(0.5, gt=0)
+    wra_iters: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> ObjectivesConfig:
+        unknown = sorted(set(self.tasks) - set(REGISTRY))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(REGISTRY)}")
+        if not self.tasks or any(r <= 0 for r in self.tasks.values()):
+            raise ValueError(f"tasks must map at least one task to a ratio > 0, got {self.tasks}")
+        return self
 
 
 class PretrainModel(nn.Module):
@@ -28,15 +64,16 @@ class PretrainModel(nn.Module):
         return self.objectives[task](self.encoder, batch)
 
 
-def encoder_config(cfg: PretrainConfig, vocab_size: int, img_dim: int) -> UniterConfig:
+def encoder_config(model: ModelConfig, vocab_size: int, img_dim: int) -> UniterConfig:
     over: dict[str, Any] = {"vocab_size": vocab_size, "img_dim": img_dim}
-    if cfg.model.dropout is not None:
-        over |= {"hidden_dropout_prob": cfg.model.dropout, "attention_probs_dropout_prob": cfg.model.dropout}
-    return UniterConfig.preset(cfg.model.size, **over)
+    if model.dropout is not None:
+        over |= {"hidden_dropout_prob": model.dropout, "attention_probs_dropout_prob": model.dropout}
+    return UniterConfig.preset(model.size, **over)
 
 
-def objective_options(cfg: PretrainConfig, meta: Mapping[str, Any], label_dim: int) -> dict[str, dict]:
-    """Constructor options of each configured task's objective (JSON-able, saved with the heads)."""
+def objective_options(cfg: ObjectivesConfig, meta: Mapping[str, Any], label_dim: int) -> dict[str, dict]:
+    """Constructor options of each configured task's objective (JSON-able, saved with the heads), from the
+    config and the text dbs' meta.json (special token ids, vocabulary range)."""
     tokens = {
         "mask_id": int(meta["MASK"]),
         "special_ids": sorted({int(meta[k]) for k in ("CLS", "SEP", "MASK", "UNK", "PAD") if k in meta}),
@@ -54,9 +91,8 @@ def objective_options(cfg: PretrainConfig, meta: Mapping[str, Any], label_dim: i
     return {task: by_task[task] for task in sorted(cfg.tasks)}
 
 
-def build_model(
-    ucfg: UniterConfig, options: Mapping[str, dict], init_bert: str | None = None
-) -> PretrainModel:
+def build_model(ucfg: UniterConfig, options: Mapping[str, dict],
+                init_bert: str | None = None) -> PretrainModel:
     encoder = UniterModel(ucfg)
     if init_bert is not None:
         init_from_bert(encoder, init_bert)
@@ -69,7 +105,7 @@ def build_model(
     return PretrainModel(encoder, objectives)
 
 
-def loss_weights(cfg: PretrainConfig) -> dict[str, float]:
+def loss_weights(cfg: ObjectivesConfig) -> dict[str, float]:
     """Weight of each ``*_loss`` an objective returns (1 unless listed)."""
     return {"wra_loss": cfg.wra_weight}
 
@@ -87,42 +123,3 @@ def target_count(objective: nn.Module, batch: dict) -> int:
     if isinstance(objective, ITM):
         return len(batch["img_keys"])
     raise TypeError(f"no target count for objective {type(objective).__name__}")
-
-
-def no_decay_parameter_names(model: nn.Module) -> set[str]:
-    """Biases and LayerNorm parameters: BERT's optimizer leaves them out of weight decay."""
-    names = set()
-    for module_name, module in model.named_modules():
-        for name, _ in module.named_parameters(recurse=False):
-            if isinstance(module, nn.LayerNorm) or name == "bias":
-                names.add(f"{module_name}.{name}" if module_name else name)
-    return names
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    skip = no_decay_parameter_names(model)
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():  # shared parameters are listed once
-        if param.requires_grad:
-            (no_decay if name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """LR multiplier of optimizer step ``step`` (0-based): linear warmup over ``warmup`` steps, then linear
-    decay that would reach 0 one step after the last."""
-    decay = (total - step) / max(total - warmup, 1)
-    if warmup and step < warmup:
-        return min((step + 1) / warmup, decay)
-    return max(decay, 0.0)
-
-
-def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    opt = cfg.optim
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, opt.warmup_steps, cfg.steps)
-    )
-    return optimizer, schedule

@@ -3,20 +3,21 @@
 The txtdb stage writes the texts pretraining may see (dedup's captions, by each corpus's own split), so
 it has no COCO Karpathy val / test captions: those images are evaluation images that dedup removes from
 pretraining. This stage reads the download stage's unfiltered captions and the Karpathy split table and
-writes ``coco_karpathy_{train,restval,val,test}.db`` with the txtdb stage's tokenizer and meta (so the
-dbs mix with the others), plus ``stats.json``. Flickr30k needs no such stage: dedup keeps the
-Flickr30k corpus whole (it is the evaluation set) and txtdb splits it by Karpathy split already.
+writes ``coco_karpathy_{train,restval,val,test}.db`` with the txtdb stage's tokenizer, meta and
+max_txt_len (so the dbs mix with the others), plus ``stats.json``, in the layout of
+``stages/outputs/txt_db.py``. Flickr30k needs no such stage: dedup keeps the Flickr30k corpus whole (it is
+the evaluation set) and txtdb splits it by Karpathy split already.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from stages.base import StageContext, StageError, StageResult
-from stages.txt_db.stage import STATS, TOKENIZER_DIR, TextSource, write_db
+from stages.outputs.txt_db import TxtDbOutput
+from stages.txt_db.stage import TextSource, write_db
 from vlp.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_meta
 
 CORPUS = "coco"
@@ -55,20 +56,20 @@ def karpathy_sources(tables: Path) -> list[TextSource]:
 
 
 def run(ctx: StageContext) -> StageResult:
-    txtdb = ctx.inputs["txtdb"]
+    txtdb, out = TxtDbOutput(ctx.inputs["txtdb"]), TxtDbOutput(ctx.out_dir)
+    stats = txtdb.tokenizer_stats()
     try:
-        stats = json.loads((txtdb / STATS).read_text())["tokenizer"]
-        tok = load_tokenizer(txtdb / TOKENIZER_DIR)
-    except (OSError, ValueError, KeyError, TokenizerError) as err:
-        raise StageError(f"{txtdb}: cannot read the txtdb stage's tokenizer ({err})") from None
-    base_meta = {**tokenizer_meta(tok, stats["name"]), "max_txt_len": stats["max_txt_len"]}
+        tok = load_tokenizer(txtdb.tokenizer_dir)
+    except (OSError, TokenizerError) as err:
+        raise StageError(f"{txtdb.root}: cannot read the txtdb stage's tokenizer ({err})") from None
+    base_meta = tokenizer_meta(tok, stats["name"])
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     per_db = {}
     for src in karpathy_sources(ctx.inputs["download"] / "tables"):
-        meta = {**base_meta, "output": f"{src.db_name}.db", "annotations": [src.table], "corpus": CORPUS,
-                "split": src.split}
-        per_db[src.db_name] = write_db(src, tok, ctx.out_dir, meta, stats["max_txt_len"])
+        meta = {**base_meta, "output": out.db_path(src.db_name).name, "annotations": [src.table],
+                "corpus": CORPUS, "split": src.split}
+        per_db[src.db_name] = write_db(src, tok, out, meta, stats["max_txt_len"])
         ctx.log.info("karpathy_txtdb: %s.db: %s", src.db_name, per_db[src.db_name])
-    (ctx.out_dir / STATS).write_text(json.dumps({"dbs": per_db}, indent=2))
-    metrics = {f"examples.{db}": float(s["examples"]) for db, s in per_db.items()}
-    return StageResult(metrics=metrics, params={"dbs": ",".join(per_db)}, artifacts=[STATS])
+    out.write_stats({"dbs": per_db})
+    metrics = {f"examples/{db}": float(s["examples"]) for db, s in per_db.items()}
+    return StageResult(metrics=metrics, params={"dbs": ",".join(per_db)}, artifacts=[out.stats_path.name])

@@ -2,91 +2,63 @@
 image/text retrieval with the ITM head.
 
 Each worker evaluates its own shard of the held-out batches (the same masks at every validation: the
-generators are seeded by batch), sums of losses and of correct/count are added across workers, so the
-numbers are exact, whatever the number of workers. Retrieval splits the images of the score matrix across
-workers and adds the partial matrices.
+generators are seeded by batch); the sums of losses and of correct/count are added across workers, so the
+numbers are exact whatever the number of workers. Retrieval splits the images of the score matrix across
+workers and adds the partial matrices. In one process every collective is a no-op.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from stages.pretrain.data import loader
-from stages.pretrain.modeling import PretrainModel, target_count
 from vlp import distributed
 from vlp.data.batching import UnitBatchSampler
 from vlp.data.collate import collate
 from vlp.data.img_db import ImgDb
-from vlp.data.pretrain_dataset import ImageTextIndex
+from vlp.data.pretrain_dataset import ImageTextIndex, PretrainDataset
 from vlp.eval.retrieval import recall_at_k, score_all_pairs
 from vlp.objectives.common import encode
-
-Autocast = Callable[[], AbstractContextManager]
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
-
-
-def _merge(parts: Sequence[dict[str, float]]) -> dict[str, float]:
-    total: dict[str, float] = defaultdict(float)
-    for part in parts:
-        for k, v in part.items():
-            total[k] += v
-    return dict(total)
+from vlp.train.device import to_device
+from vlp.train.metrics import MetricSums
+from vlp.train.precision import Autocast
+from vlp.train.prepared import prepared_loader
+from vlp.train.pretrain_model import PretrainModel, target_count
 
 
 @torch.no_grad()
-def validate_tasks(
-    model: PretrainModel,
-    tasks: Sequence[str],
-    examples: Dataset,
-    lengths: tuple[np.ndarray, np.ndarray],
-    max_units: int,
-    seed: int,
-    pad_id: int,
-    device: torch.device,
-    autocast: Autocast,
-) -> dict[str, float]:
-    """``<loss name>`` (mean over the task's targets) and ``<name>_acc`` of every task, over all workers."""
+def validate_tasks(model: PretrainModel, tasks: Sequence[str], examples: Dataset,
+                   lengths: tuple[np.ndarray, np.ndarray], max_units: int, seed: int, pad_id: int,
+                   device: torch.device, autocast: Autocast) -> dict[str, float]:
+    """``<loss name>`` (mean over the task's targets) and ``<name>_acc`` of every task, over all workers;
+    ``seed`` is the root seed the validation masks derive from."""
     was_training = model.training
     model.eval()
-    sums: dict[str, float] = defaultdict(float)
+    metrics: dict[str, float] = {}
     for task in sorted(tasks):
         objective = model.objectives[task]
-        sampler = UnitBatchSampler(*lengths, max_units, seed=seed, rank=distributed.rank(),
+        sampler = UnitBatchSampler(*lengths, max_units, rank=distributed.rank(),
                                    world_size=distributed.world_size(), shuffle=False, even_shards=False,
                                    infinite=False)
-        for batch in loader(examples, sampler, objective.prepare, seed, f"val/{task}", pad_id, 0, False):
+        sums = MetricSums()
+        for batch in prepared_loader(examples, sampler, objective.prepare, seed, f"val/{task}", pad_id):
             batch = to_device(batch, device)
             with autocast():
                 out = model(task, batch)
-            n = target_count(objective, batch)
-            sums[f"{task}/targets"] += n
-            for key, value in out.items():
-                if key.endswith("_loss"):
-                    sums[f"{task}/{key}"] += float(value) * n
-                elif key.endswith(("_correct", "_count")):
-                    sums[key] += float(value)
-    # Workers may have seen different outputs (a worker without batches sees none): merge dicts, not vectors.
-    total = _merge(distributed.all_gather_object(dict(sums)))
+            sums.add(out, target_count(objective, batch))
+        metrics |= sums.reduced().metrics()
     model.train(was_training)
-    metrics = {}
-    for key, value in total.items():
-        if "/" in key and not key.endswith("/targets"):
-            task, loss = key.split("/")
-            metrics[loss] = value / max(total[f"{task}/targets"], 1.0)
-        elif key.endswith("_correct"):
-            name = key[: -len("_correct")]
-            metrics[f"{name}_acc"] = value / max(total[f"{name}_count"], 1.0)
     return dict(sorted(metrics.items()))
+
+
+def retrieval_index(dataset: PretrainDataset) -> tuple[ImageTextIndex, list[torch.Tensor]]:
+    """The image/text index of a retrieval split and each text's input ids ([CLS] ... [SEP])."""
+    index = ImageTextIndex.from_dataset(dataset)
+    texts = [dataset[j]["input_ids"] for j in range(len(dataset))]
+    return index, texts
 
 
 class RetrievalScorer:
@@ -130,3 +102,4 @@ def zero_shot_retrieval(scorer: RetrievalScorer, chunk: tuple[int, int]) -> dict
     matrix = distributed.all_reduce_sum(matrix)
     scorer.model.train(was_training)
     return recall_at_k(matrix, scorer.index.txt2img)
+

@@ -1,9 +1,13 @@
-"""The ground-truth region store of RefCOCO: detector features pooled at every COCO instance box.
+"""The ``gt_features`` stage: RefCOCO's ground-truth region store, detector features pooled at every COCO
+instance box of the RefCOCO images.
 
 RefCOCO's "ground-truth regions" setting scores the annotated objects of an image instead of detections.
 The detector backend's given-boxes mode (bottom-up-attention's ``bbox_feats``) pools features at those
 boxes; they are stored in the img_db layout with confidence 1 in the instance order of
-``tables/objects.parquet``, so every box is kept whatever the box-count rule (up to its max_bb).
+``tables/objects.parquet``, so every box is kept whatever the box-count rule (up to its max_bb). The output
+is laid out as the features stage's (``stages/outputs/features.py``), with the same declared box rule.
+Inputs: ``download`` (the RefCOCO table, the COCO instances dedup would drop, the images) and ``detector``
+unless ``features.detector.weights`` names a file.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from stages.base import StageError
+from stages.base import StageContext, StageError, StageResult
 from stages.feature_extraction.actor import normalized_boxes, scaled_given_boxes
 from stages.feature_extraction.config import FeatureConfig
 from stages.feature_extraction.decode import Failure, decode_image
 from stages.feature_extraction.detector.backend import load_backend
 from stages.feature_extraction.pipeline import detector_input_size
+from stages.feature_extraction.stage import detector_weights
+from stages.outputs.features import FeaturesOutput
 from vlp.data.img_db import ImgDbWriter
 from vlp.tasks.refexp import coco_instance_boxes
 
@@ -77,3 +83,15 @@ def build_gt_store(keys: Iterable[str], download_dir: Path, features: FeatureCon
                            conf=np.ones(len(det), np.float32), soft_labels=det.soft_labels,
                            attr_labels=det.attr_labels)
     return len(todo)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: FeatureConfig = ctx.cfg.features
+    download = ctx.inputs["download"]
+    table = pq.read_table(download / "tables" / "task_refcoco.parquet", columns=["image_key"])
+    out = FeaturesOutput(ctx.out_dir)
+    count = build_gt_store(set(table.column("image_key").to_pylist()), download, cfg,
+                           detector_weights(ctx, cfg), out.store_dir, cfg.nbb[0])
+    ctx.log.info("gt_features: ground-truth regions of %d RefCOCO images pooled", count)
+    out.write_stats({"images": count}, cfg.nbb[0], compress=False)
+    return StageResult(metrics={"images": float(count)}, artifacts=[out.stats_path.name])
