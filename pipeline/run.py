@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - turned into one line for the user, traceback for the rest
         cause = _root_cause(err)
         tracker.end(parent, "FAILED")
+        # Shut Ray down first: its workers' log lines still in flight would otherwise follow the error.
+        ray.shutdown()
         if isinstance(cause, StageError):
             print(f"error: {cause}", file=sys.stderr)
             return 1
