@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stages.base import StageError
 from stages.dedup.config import DedupConfig
@@ -53,6 +53,9 @@ class PipelineConfig(BaseModel):
     # The root seed every stage derives its seeds from (vlp.train.seeds.seed_of): detector training,
     # pretraining, finetuning. The world has its own (world.seed): it is data, not a training run.
     seed: int = 0
+    # Run the seed-dependent stages once per seed (cached per seed); the finetune and eval aggregates
+    # gather every seed (eval: per-seed rows plus mean, spread and min-max). Empty: just ``seed``.
+    seeds: list[int] = Field(default_factory=list)
     world: WorldConfig = Field(default_factory=WorldConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
@@ -64,6 +67,12 @@ class PipelineConfig(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> PipelineConfig:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds lists a seed twice: {self.seeds}")
+        return self
 
     def subset(self, paths: tuple[str, ...]) -> dict[str, Any]:
         """The config values under the dotted ``paths``: what a stage reads, hence its cache key."""

@@ -39,15 +39,23 @@ TERMINAL = ("finetune", "eval")
 class PlannedStage:
     name: str
     key: str
-    inputs: dict[str, str]  # upstream stage -> its key
+    # Input name as the stage sees it in ctx.inputs -> that output's key. A per-seed stage sees its own
+    # seed's upstream under plain stage names; a stage aggregating seeds sees "<stage>@<seed>".
+    inputs: dict[str, str]
     config: dict[str, Any]
     cached: bool
     force: bool = False
+    label: str = ""  # unique in the plan: the stage name, "<stage>@<seed>" when the key varies by seed
+    seed: int = 0  # the root seed the stage runs with
+    needs: list[str] = field(default_factory=list)  # labels of the planned stages it waits for
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
 
 
 @dataclass
 class Outcome:
-    name: str
+    name: str  # the planned stage's label
     key: str
     output_dir: str
     cached: bool
@@ -70,24 +78,72 @@ def _closure(cfg: PipelineConfig, targets: tuple[str, ...]) -> list[str]:
     return order
 
 
+def stage_dir_name(label: str) -> str:
+    """The stage an input label or plan label names ("pretrain@1" -> "pretrain")."""
+    return label.partition("@")[0]
+
+
 def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = False) -> list[PlannedStage]:
+    """Every stage ``target`` needs, with its key and whether it is cached, once per seed of ``cfg.seeds``
+    (or ``cfg.seed``). A stage whose key does not depend on the seed is planned once; a stage marked
+    ``across_seeds`` (the aggregates) is planned once with the inputs of every seed."""
     if target != ALL and target not in STAGES:
         raise ValueError(f"unknown stage {target!r}; choose from {', '.join([*STAGES, ALL])}")
-    names = _closure(cfg, TERMINAL if target == ALL else (target,))
-    planned: dict[str, PlannedStage] = {}
+    seeds = list(cfg.seeds) or [cfg.seed]
+    targets = TERMINAL if target == ALL else (target,)
     digests: dict[str, str] = {}  # per entry module: the per-task stages share theirs
-    for name in names:
+
+    def key_of(name: str, seed_cfg: PipelineConfig, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:
         spec = STAGES[name]
-        inputs = {up: planned[up].key for up in spec.upstream(cfg)}
-        subset = cfg.subset(spec.config)
-        files = {f: content_digest(f) for f in spec.files(cfg) if f is not None}
+        subset = seed_cfg.subset(spec.config)
+        files = {f: content_digest(f) for f in spec.files(seed_cfg) if f is not None}
         if spec.module not in digests:
             digests[spec.module] = code_digest(spec.module)
-        key = stage_key(name, digests[spec.module], subset, inputs, files)
+        return stage_key(name, digests[spec.module], subset, inputs, files), subset
+
+    def across(name: str) -> bool:
+        return STAGES[name].across_seeds and len(seeds) > 1
+
+    # Pass 1: every per-seed stage's key under each seed.
+    keys: dict[int, dict[str, str]] = {}
+    subsets: dict[int, dict[str, dict[str, Any]]] = {}
+    order: list[str] = []
+    for seed in seeds:
+        seed_cfg = cfg.model_copy(update={"seed": seed})
+        keys[seed], subsets[seed] = {}, {}
+        for name in _closure(seed_cfg, targets):
+            order += [name] if name not in order else []
+            if across(name):
+                continue
+            inputs = {up: keys[seed][up] for up in STAGES[name].upstream(seed_cfg)}
+            keys[seed][name], subsets[seed][name] = key_of(name, seed_cfg, inputs)
+
+    def label(name: str, seed: int) -> str:
+        varies = len({keys[s][name] for s in seeds}) > 1
+        return f"{name}@{seed}" if varies else name
+
+    planned: dict[str, PlannedStage] = {}
+    for name in order:
         forced = force and name == target
-        planned[name] = PlannedStage(
-            name, key, inputs, subset, cached=store.is_done(name, key) and not forced, force=forced
-        )
+        if across(name):
+            upstream = STAGES[name].upstream(cfg)
+            inputs = {f"{up}@{s}": keys[s][up] for s in seeds for up in upstream}
+            key, subset = key_of(name, cfg, inputs)
+            needs = list(dict.fromkeys(label(up, s) for s in seeds for up in upstream))
+            planned[name] = PlannedStage(name, key, inputs, subset, store.is_done(name, key) and not forced,
+                                         forced, name, seeds[0], needs)
+            continue
+        for seed in seeds:
+            here = label(name, seed)
+            if here in planned:
+                continue
+            seed_cfg = cfg.model_copy(update={"seed": seed})
+            upstream = STAGES[name].upstream(seed_cfg)
+            key = keys[seed][name]
+            planned[here] = PlannedStage(
+                name, key, {up: keys[seed][up] for up in upstream}, subsets[seed][name],
+                store.is_done(name, key) and not forced, forced, here, seed,
+                [label(up, seed) for up in upstream])
     return list(planned.values())
 
 
@@ -112,17 +168,18 @@ def world_mirror(stage: str, serves_world: bool, inputs: dict[str, Path]) -> Ite
 def _compute(ps: PlannedStage, cfg_data: dict[str, Any], store: StageStore, workdir: Path, run_id: str,
              tracking_uri: str, start: float) -> dict[str, Any]:
     """Run the stage into its partial dir and commit it; returns the manifest."""
-    cfg = PipelineConfig.model_validate(cfg_data)
-    inputs = {name: store.final_dir(name, key) for name, key in ps.inputs.items()}
+    cfg = PipelineConfig.model_validate(cfg_data).model_copy(update={"seed": ps.seed})
+    inputs = {name: store.final_dir(stage_dir_name(name), key) for name, key in ps.inputs.items()}
     for name, directory in inputs.items():
-        _check_complete(STAGES[name].output(directory),
-                        f"input {name!r} is incomplete; recompute it with --stage {name} --force")
+        stage = stage_dir_name(name)
+        _check_complete(STAGES[stage].output(directory),
+                        f"input {name!r} is incomplete; recompute it with --stage {stage} --force")
     out = store.begin(ps.name, ps.key, fresh=ps.force)
     spec = STAGES[ps.name]
     with world_mirror(ps.name, spec.serves_world(cfg), inputs) as mirror_url:
         ctx = StageContext(cfg=cfg, workdir=workdir, out_dir=out, inputs=inputs, mlflow_run_id=run_id,
                            mlflow_tracking_uri=tracking_uri, mirror_url=mirror_url)
-        log.info("%s: running (key %s)", ps.name, ps.key)
+        log.info("%s: running (key %s)", ps.label, ps.key)
         result = spec.load()(ctx)
     manifest = {
         "stage": ps.name,
@@ -164,7 +221,7 @@ def _run_stage(
     store = StageStore(Path(workdir))
     tracker = Tracker(tracking["uri"], tracking["experiment"], Path(workdir))
     run_id = tracker.start_run(
-        ps.name, tracking["parent_run_id"], tags={"stage": ps.name, "cache_key": ps.key}
+        ps.label, tracking["parent_run_id"], tags={"stage": ps.name, "cache_key": ps.key, "seed": ps.seed}
     )
     start = time.time()
     try:
@@ -191,7 +248,7 @@ def _run_stage(
         )
         tracker.log_artifacts(run_id, [final / a for a in manifest["artifacts"]], final)
         tracker.end(run_id)
-        return Outcome(ps.name, ps.key, str(final), ps.cached, time.time() - start, manifest["metrics"])
+        return Outcome(ps.label, ps.key, str(final), ps.cached, time.time() - start, manifest["metrics"])
     except BaseException:
         tracker.end(run_id, "FAILED")
         raise
@@ -204,7 +261,7 @@ def execute(
     refs: dict[str, ray.ObjectRef] = {}
     cfg_data = cfg.model_dump(mode="json")
     for ps in stages:
-        upstream = [refs[name] for name in ps.inputs]
+        upstream = [refs[label] for label in ps.needs]
         task = _run_stage.options(num_cpus=STAGES[ps.name].cpus(cfg) if not ps.cached else 0)
-        refs[ps.name] = task.remote(ps.__dict__, cfg_data, str(workdir), tracking, *upstream)
+        refs[ps.label] = task.remote(ps.__dict__, cfg_data, str(workdir), tracking, *upstream)
     return ray.get(list(refs.values()))

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     store = StageStore(workdir)
     stages = plan(cfg, args.stage, store, force=args.force)
     for ps in stages:
-        log.info("plan: %-10s key %s  %s", ps.name, ps.key, "cached" if ps.cached else "run")
+        log.info("plan: %-10s key %s  %s", ps.label, ps.key, "cached" if ps.cached else "run")
 
     uri = tracking_uri(cfg.tracking.uri, workdir)
     # Creating the sqlite store and the experiment is not safe against a second run doing the same.

@@ -42,6 +42,8 @@ class StageSpec:
     serves_world: Callable[[PipelineConfig], bool] = lambda cfg: False
     # The output layout the stage declares: checked before it is committed and before a consumer reads it.
     output: type[StageOutput] = StageOutput
+    # Run once over every seed of ``seeds`` (its inputs named "<stage>@<seed>"), not once per seed.
+    across_seeds: bool = False
 
     @property
     def module(self) -> str:
@@ -151,6 +153,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="finetune",
             output=FinetuneIndexOutput,
+            across_seeds=True,
             entry="stages.finetune.aggregate:run",
             config=("finetune.tasks",),
             upstream=lambda cfg: tuple(f"finetune_{task}" for task in cfg.finetune.tasks),
@@ -171,6 +174,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="eval",
             output=SummaryOutput,
+            across_seeds=True,
             entry="stages.eval.aggregate:run",
             config=("finetune.tasks",),
             upstream=lambda cfg: tuple(f"eval_{task}" for task in cfg.finetune.tasks),

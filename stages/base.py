@@ -84,6 +84,15 @@ class StageContext:
         """Log live metrics (curves) to this stage's MLflow run; a no-op outside the pipeline."""
         self.metrics.log(metrics, step)
 
+    def inputs_by_seed(self, stage: str) -> dict[int, Path]:
+        """``stage``'s output per seed: a stage run over several seeds (``seeds``) sees each seed's as
+        ``<stage>@<seed>``; in a one-seed run it is ``stage``, of the root seed."""
+        if stage in self.inputs:
+            return {int(self.cfg.seed): self.inputs[stage]}
+        found = {int(label.partition("@")[2]): path for label, path in self.inputs.items()
+                 if label.partition("@")[0] == stage and label.partition("@")[2]}
+        return dict(sorted(found.items()))
+
 
 @dataclass
 class StageResult:

@@ -189,3 +189,25 @@ def test_per_task_stages_call_their_entry_with_the_task(monkeypatch):
 
     monkeypatch.setattr(finetune_stage, "run_task", lambda ctx, task: (ctx, task))
     assert STAGES["finetune_snli_ve"].load()("ctx") == ("ctx", "snli_ve")
+
+
+def test_seeds_plan_each_seed_dependent_stage_once_per_seed_and_reuse_the_rest(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.dag import plan
+
+    one = {p.name: p for p in plan(load_config(None, ["seed=1"]), "all", StageStore(tmp_path))}
+    two = {p.label: p for p in plan(load_config(None, ["seeds=[0,1]"]), "all", StageStore(tmp_path))}
+    shared = {"world", "download", "dedup", "txtdb", "karpathy_txtdb"}
+    per_seed = {name for name in one if name not in shared | {"finetune", "eval"}}
+    # Stages that read the root seed, and everything downstream of them, run once per seed.
+    assert {"detector", "features", "gt_features", "pretrain", "finetune_vqa", "eval_vqa"} <= per_seed
+    assert set(two) == shared | {"finetune", "eval"} | {f"{n}@{s}" for n in per_seed for s in (0, 1)}
+    # A seed's stages have the key of a one-seed run with that seed: `seeds=[0,1]` reuses `seed=1`'s cache.
+    assert all(two[f"{n}@1"].key == one[n].key for n in per_seed)
+    assert all(two[n].key == one[n].key for n in shared)
+    assert two["pretrain@1"].inputs == one["pretrain"].inputs and two["pretrain@1"].seed == 1
+    # The aggregates gather every seed's outputs.
+    assert set(two["eval"].inputs) == {f"eval_{t}@{s}" for t in ("retrieval", "vqa", "nlvr2", "snli_ve",
+                                                                  "refcoco") for s in (0, 1)}
+    assert set(two["eval"].needs) == {f"eval_{t}@{s}" for t in ("retrieval", "vqa", "nlvr2", "snli_ve",
+                                                                 "refcoco") for s in (0, 1)}

@@ -74,7 +74,8 @@ def _cell(value: float | None, scale: float = 100.0, spec: str = ".1f") -> str:
 
 
 def _mark(flag: bool | None) -> str:
-    return "–" if flag is None else ("yes" if flag else "no")
+    # A row where pretraining does not beat scratch is marked: it says the run did not learn what it should.
+    return "–" if flag is None else ("yes" if flag else "**no**")
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
@@ -105,4 +106,88 @@ def to_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {row['dataset']} | {HEADERS.get(row['model'], row['model'])} | {row['split']} | "
                          f"{row['seconds']:.2f} | {row['pairs_scored']:.0f} | {_cell(row['ir_r1'])} | "
                          f"{_cell(row['tr_r1'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _spread(values: dict[int, float]) -> dict[str, Any]:
+    """mean, sample standard deviation, min, max and the per-seed values of one metric."""
+    xs = list(values.values())
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(xs), "max": max(xs), "per_seed": values}
+
+
+def _gather(per_seed: dict[int, dict[str, Any]], section: str, key_fields: tuple[str, ...], flag: str):
+    by_key: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for seed, summary in per_seed.items():
+        for row in summary[section]:
+            by_key.setdefault(tuple(row[f] for f in key_fields), {})[seed] = row
+    rows = []
+    for key, rows_by_seed in by_key.items():
+        models = dict.fromkeys(m for row in rows_by_seed.values() for m in row["values"])
+        values = {}
+        for model in models:
+            found = {seed: row["values"][model] for seed, row in rows_by_seed.items()
+                     if row["values"].get(model) is not None}
+            if found:
+                values[model] = _spread(found)
+        flags = {seed: row[flag] for seed, row in rows_by_seed.items() if row[flag] is not None}
+        rows.append({**dict(zip(key_fields, key, strict=True)), "values": values,
+                     "seeds": sorted(rows_by_seed),
+                     flag: {"holds": sum(flags.values()), "of": len(flags),
+                            "failing_seeds": sorted(s for s, ok in flags.items() if not ok)}})
+    return rows
+
+
+def build_seed_summary(per_seed: dict[int, dict[str, dict]]) -> dict[str, Any]:
+    """The summary of several seeds' runs (``{seed: {task: metrics}}``): each row of every seed's summary
+    with, per model, the mean, spread (sample std) and min-max over the seeds and each seed's value; how
+    many seeds meet the row's flag (pretrained > scratch; IAIS lowers ISDa) and which do not."""
+    summaries = {seed: build_summary(metrics) for seed, metrics in sorted(per_seed.items())}
+    return {"seeds": sorted(summaries),
+            "tasks": _gather(summaries, "tasks", ("task", "split", "metric"), "pretrained_beats_scratch"),
+            "isda": _gather(summaries, "isda", ("task",), "iais_lowers_isda"),
+            "per_seed": summaries}
+
+
+def _spread_cell(value: dict[str, Any] | None, scale: float = 100.0, spec: str = ".1f") -> str:
+    if value is None:
+        return "–"
+    fmt = lambda x: format(x * scale, spec)  # noqa: E731
+    return f"{fmt(value['mean'])} ± {fmt(value['std'])} ({fmt(value['min'])}–{fmt(value['max'])})"
+
+
+def _seed_mark(flag: dict[str, Any]) -> str:
+    if not flag["of"]:
+        return "–"
+    text = f"{flag['holds']}/{flag['of']}"
+    if flag["failing_seeds"]:
+        return f"**{text}** (not seed {', '.join(map(str, flag['failing_seeds']))})"
+    return text
+
+
+def seeds_to_markdown(summary: dict[str, Any]) -> str:
+    seeds = ", ".join(map(str, summary["seeds"]))
+    lines = ["# Evaluation summary over seeds " + seeds, "",
+             "Main metrics in %: mean ± sample standard deviation (min–max) over the seeds. The last "
+             "column counts the seeds in which pretrained beats scratch.", ""]
+    used = [c for c in COLUMNS if any(c in r["values"] for r in summary["tasks"])]
+    lines += [f"| task | split | metric | {' | '.join(HEADERS[c] for c in used)} | pretrained > scratch |",
+              "|" + "---|" * (4 + len(used))]
+    for row in summary["tasks"]:
+        cells = [_spread_cell(row["values"].get(c)) for c in used]
+        lines.append(f"| {row['task']} | {row['split']} | {row['metric']} | " + " | ".join(cells)
+                     + f" | {_seed_mark(row['pretrained_beats_scratch'])} |")
+    if summary["isda"]:
+        used = [c for c in COLUMNS if any(c in r["values"] for r in summary["isda"])]
+        lines += ["", "## ISDa over seeds (lower is better)", "",
+                  "| task | " + " | ".join(HEADERS[c] for c in used) + " | IAIS lowers ISDa |",
+                  "|" + "---|" * (2 + len(used))]
+        for row in summary["isda"]:
+            cells = [_spread_cell(row["values"].get(c), 1.0, ".4f") for c in used]
+            mark = _seed_mark(row["iais_lowers_isda"])
+            lines.append(f"| {row['task']} | " + " | ".join(cells) + f" | {mark} |")
+    for seed, one in summary["per_seed"].items():
+        body = to_markdown(one).split("\n", 1)[1]
+        lines += ["", f"## Seed {seed}", body.rstrip()]
     return "\n".join(lines) + "\n"
