@@ -37,6 +37,7 @@ def test_seeds_give_mean_spread_min_max_and_the_failing_seeds():
     (isda,) = summary["isda"]
     assert isda["iais_lowers_isda"] == {"holds": 2, "of": 3, "failing_seeds": [2]}
     text = seeds_to_markdown(summary)
-    row = "| vqa | val2014 | vqa_score | 38.0 ± 7.2 (30.0–44.0) | 30.7 ± 1.2 (30.0–32.0) | **2/3** (not seed 2) |"
+    row = ("| vqa | val2014 | vqa_score | 38.0 ± 7.2 (30.0–44.0) | 30.7 ± 1.2 (30.0–32.0) "
+           "| **2/3** (not seed 2) |")
     assert row in text
     assert "## Seed 2" in text and "| vqa | val2014 | vqa_score | 30.0 | 32.0 | **no** |" in text
