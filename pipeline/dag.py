@@ -188,6 +188,7 @@ def _compute(ps: PlannedStage, cfg_data: dict[str, Any], store: StageStore, work
         "config": ps.config,
         "metrics": result.metrics,
         "metric_steps": result.metric_steps,
+        "tags": result.tags,
         "params": result.params,
         "artifacts": result.artifacts,
         "seconds": round(time.time() - start, 3),
@@ -244,7 +245,7 @@ def _run_stage(
         tracker.log(
             run_id,
             params={"config": ps.config, "inputs": ps.inputs, **manifest["params"]},
-            tags={"cached": str(ps.cached).lower(), "output_dir": str(final)},
+            tags={"cached": str(ps.cached).lower(), "output_dir": str(final), **manifest.get("tags", {})},
         )
         tracker.log_artifacts(run_id, [final / a for a in manifest["artifacts"]], final)
         tracker.end(run_id)

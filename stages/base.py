@@ -103,3 +103,5 @@ class StageResult:
     # The step of each final metric that is the last point of a curve (``val/itm_acc`` of the last
     # validation); the others are logged at step 0.
     metric_steps: dict[str, int] = field(default_factory=dict)
+    # MLflow tags of the stage's run (a verdict a user should see in the run list, e.g. ``alignment``).
+    tags: dict[str, str] = field(default_factory=dict)

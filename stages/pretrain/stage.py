@@ -30,6 +30,10 @@ from vlp.train.pretrain_model import build_model, encoder_config, objective_opti
 from vlp.train.runtime import RuntimeConfig
 
 RUN_NAME = "run"
+# Below these, pretraining did not learn to align text and regions: ITM accuracy (chance 0.5 with half of
+# the pairs negative) and zero-shot image retrieval R@1 as a multiple of chance (1 / images).
+ALIGNED_ITM_ACC = 0.6
+ALIGNED_R1_OVER_CHANCE = 2.0
 FATAL_MARKER = "fatal.txt"
 NO_RUN = MetricLogger()  # logs nothing
 
@@ -147,5 +151,31 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {k: float(v) for k, v in curves.items() if np.isfinite(v)}
     params = {"tasks": dict(sorted(cfg.tasks.items())), "model_size": cfg.model.size,
               "num_workers": cfg.num_workers, "train_captions": len(corpus.train)}
+    images = len(set(corpus.retrieval.img_keys)) if corpus.retrieval is not None else 0
+    verdict = alignment_verdict(record["final"], images)
+    if verdict["alignment"] == "at_chance":
+        ctx.log.warning("pretrain: %s", verdict["detail"])
     return StageResult(metrics=metrics | {"steps": float(record["steps"])}, params=params,
-                       artifacts=[out.metrics_path.name], metric_steps={k: record["steps"] for k in metrics})
+                       artifacts=[out.metrics_path.name], metric_steps={k: record["steps"] for k in metrics},
+                       tags=verdict)
+
+
+def alignment_verdict(final: dict[str, float], retrieval_images: int) -> dict[str, str]:
+    """``alignment``: ``learned``, ``at_chance`` (ITM accuracy or zero-shot retrieval still at chance) or
+    ``unknown`` (neither measured), with a one-line ``detail``."""
+    checks = []
+    if "itm_acc" in final:
+        checks.append(("validation ITM accuracy", final["itm_acc"], 0.5, final["itm_acc"] >= ALIGNED_ITM_ACC))
+    if "zs_ir_r1" in final and retrieval_images:
+        chance = 1.0 / retrieval_images
+        checks.append(("zero-shot image retrieval R@1", final["zs_ir_r1"], chance,
+                       final["zs_ir_r1"] >= ALIGNED_R1_OVER_CHANCE * chance))
+    if not checks:
+        return {"alignment": "unknown", "detail": "no ITM validation or zero-shot retrieval measured"}
+    failed = [c for c in checks if not c[3]]
+    detail = ", ".join(f"{name} {value:.3f} (chance {chance:.3f})" for name, value, chance, _ in checks)
+    if failed:
+        return {"alignment": "at_chance",
+                "detail": f"pretraining did not learn to align text and regions: {detail}; downstream "
+                          "numbers will not show what pretraining can do"}
+    return {"alignment": "learned", "detail": detail}
