@@ -131,6 +131,22 @@ def test_detect_features_are_those_pooled_at_the_returned_boxes():
         np.testing.assert_allclose(p.soft_labels, d.soft_labels, atol=1e-5)
 
 
+def test_an_images_regions_do_not_depend_on_the_other_images_of_its_batch():
+    # Ray Data forms batches by arrival order: an image's features must be the same in any company.
+    backend = _random_backend()
+    scenes = [*_rendered(2, 5, min_side=64, max_side=72), *_rendered(1, 6, min_side=150, max_side=160)]
+    small, other, large = (_pixels(s) for s in scenes)
+    alone = backend.detect([small])[0]
+    for company, at in (([small, large], 0), ([other, small, large], 1)):
+        det = backend.detect(company)[at]
+        for field in ("boxes", "features", "conf", "soft_labels", "attr_labels"):
+            np.testing.assert_array_equal(getattr(det, field), getattr(alone, field), err_msg=field)
+    boxes = np.array([[5, 5, 40, 40], [10, 20, 60, 50]], np.float32)
+    pooled = backend.pool([small], [boxes])[0]
+    in_company = backend.pool([other, small], [np.zeros((0, 4)), boxes])[1]
+    np.testing.assert_array_equal(in_company.features, pooled.features)
+
+
 # --- given-boxes mode ------------------------------------------------------------------------------
 
 

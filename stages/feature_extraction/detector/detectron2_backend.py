@@ -288,7 +288,15 @@ class Detectron2Backend:
             )
         return out
 
+    # One image per forward pass, as in the torchvision backend: padding to a batch's largest image would
+    # make an image's regions depend on its batch mates.
     def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        return [self._detect_batch([image])[0] for image in images]
+
+    def pool(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[Detections]:
+        return [self._pool_batch([image], [b])[0] for image, b in zip(images, boxes, strict=True)]
+
+    def _detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
         with torch.inference_mode():
             batch, features, scales = self._prepare(images)
             proposals, _ = self.model.proposal_generator(batch, features, None)
@@ -305,7 +313,7 @@ class Detectron2Backend:
                 final.append(select_regions(p[:, 1:], class_boxes, self.cfg))
             return [d.sorted_by_conf() for d in self._detections(final, features, scales)]
 
-    def pool(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[Detections]:
+    def _pool_batch(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[Detections]:
         with torch.inference_mode():
             batch, features, scales = self._prepare(images)
             given = [

@@ -108,16 +108,18 @@ class TorchvisionBackend:
             raise StageError(f"{path}: weights do not fit the detector ({detail})") from None
         return cls(cfg, model, ckpt["class_names"], ckpt["attr_names"], device)
 
+    # One image per forward pass: batched images are padded to the largest of them, and the padding
+    # reaches every image's feature map (convolution borders, the RPN's anchors), so a batched image's
+    # regions would depend on which images Ray Data happened to put beside it.
     def detect(self, images: list[np.ndarray]) -> list[Detections]:
         with torch.inference_mode():
-            outs = self.model.detect([_to_tensor(img, self.device) for img in images])
+            outs = [self.model.detect([_to_tensor(img, self.device)])[0] for img in images]
         return [_to_detections(o).sorted_by_conf() for o in outs]
 
     def pool(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> list[Detections]:
-        tensors = [_to_tensor(img, self.device) for img in images]
-        box_tensors = [
-            torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4), device=self.device) for b in boxes
-        ]
+        outs = []
         with torch.inference_mode():
-            outs = self.model.pool(tensors, box_tensors)
+            for img, b in zip(images, boxes, strict=True):
+                given = torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4), device=self.device)
+                outs.append(self.model.pool([_to_tensor(img, self.device)], [given])[0])
         return [_to_detections(o) for o in outs]
