@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from vlp.model.config import UniterConfig
 from vlp.model.uniter import UniterModel
-from vlp.objectives import ITM, MLM, MRC, MRCKL, MRFR, REGISTRY
+from vlp.objectives import ITC, ITM, MLM, MRC, MRCKL, MRFR, REGISTRY
+from vlp.objectives.itc import contrastive_loss, positives
 from vlp.objectives.itm import itm_loss, sample_negatives, word_positions, wra_loss
 from vlp.objectives.masking import IGNORE_INDEX, TokenMasking, mask_regions, mask_tokens
 from vlp.objectives.mlm import mlm_loss
@@ -357,13 +358,14 @@ def test_itm_batch_of_one_image_has_no_negatives():
 
 
 def test_registry_and_requirements():
-    assert REGISTRY == {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM}
+    assert REGISTRY == {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM, "itc": ITC}
     assert {name: cls.requires for name, cls in REGISTRY.items()} == {
         "mlm": (),
         "mrfr": (),
         "mrc": ("soft_labels",),
         "mrc_kl": ("soft_labels",),
         "itm": (),
+        "itc": (),
     }
 
 
@@ -398,3 +400,38 @@ def test_every_objective_trains_under_bf16_autocast():
         loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads), name
+
+
+def test_itc_loss_hand_case_with_two_captions_of_one_image():
+    # Rows are captions, columns their images; captions 0 and 1 describe the same image.
+    pos = positives(["coco:1", "coco:1", "coco:2"])
+    assert pos.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 3.0]])
+
+    def ce(row, targets):
+        total = sum(math.exp(x) for x in row)
+        return -sum(t * math.log(math.exp(row[j]) / total) for j, t in enumerate(targets))
+
+    t2i = (ce([2, 1, 0], [.5, .5, 0]) + ce([0, 0, 0], [.5, .5, 0]) + ce([1, 0, 3], [0, 0, 1])) / 3
+    i2t = (ce([2, 0, 1], [.5, .5, 0]) + ce([1, 0, 0], [.5, .5, 0]) + ce([0, 0, 3], [0, 0, 1])) / 3
+    loss, hits = contrastive_loss(logits, pos)
+    assert float(loss) == pytest.approx((t2i + i2t) / 2, rel=1e-6)
+    assert int(hits) == 6  # every row's and every column's top entry is a positive
+
+
+def test_itc_pulls_captions_toward_their_images():
+    model = _model().train()
+    itc = ITC(model, embed_dim=8, temperature=0.1)
+    batch = itc.prepare(_batch([3, 5, 4, 2], [2, 3, 1, 4], seed=5), torch.Generator())
+    optimizer = torch.optim.Adam([*model.parameters(), *itc.parameters()], lr=1e-2)
+    losses = []
+    for _ in range(60):
+        out = itc(model, batch)
+        assert out["itc_count"] == 8
+        optimizer.zero_grad()
+        out["itc_loss"].backward()
+        optimizer.step()
+        losses.append(float(out["itc_loss"]))
+    assert losses[-1] < 0.25 * losses[0] and int(itc(model, batch)["itc_correct"]) == 8
+    with pytest.raises(ValueError, match="temperature"):
+        ITC(model, temperature=2.0)

@@ -1,8 +1,9 @@
 """UNITER pretraining objectives, keyed by the task names used in configs."""
 
+from vlp.objectives.itc import ITC
 from vlp.objectives.itm import ITM
 from vlp.objectives.mlm import MLM
 from vlp.objectives.mrc import MRC, MRCKL
 from vlp.objectives.mrfr import MRFR
 
-REGISTRY = {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM}
+REGISTRY = {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM, "itc": ITC}

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from vlp.model import UniterConfig, UniterModel, init_from_bert
 from vlp.objectives import REGISTRY
+from vlp.objectives.itc import ITC
 from vlp.objectives.itm import ITM
 from vlp.objectives.mlm import MLM
 from vlp.objectives.mrm import MaskedRegionObjective
@@ -41,6 +42,8 @@ class ObjectivesConfig(BaseModel):
     wra_weight: float = Field(0.1, ge=0)
     wra_beta: float = Field(0.5, gt=0)
     wra_iters: int = Field(50, ge=1)
+    itc_dim: int = Field(256, ge=1)  # ITC's projection size (ALBEF, CODIS: 256)
+    itc_temperature: float = Field(0.07, ge=1e-3, le=0.5)  # its initial (learnable) temperature
 
     @model_validator(mode="after")
     def _known_tasks(self) -> ObjectivesConfig:
@@ -87,6 +90,7 @@ def objective_options(cfg: ObjectivesConfig, meta: Mapping[str, Any], label_dim:
         "mrc_kl": {**masked, "label_dim": label_dim},
         "itm": {"neg_prob": cfg.itm_neg_prob, "wra": cfg.wra, "wra_beta": cfg.wra_beta,
                 "wra_iters": cfg.wra_iters},
+        "itc": {"embed_dim": cfg.itc_dim, "temperature": cfg.itc_temperature},
     }
     return {task: by_task[task] for task in sorted(cfg.tasks)}
 
@@ -120,6 +124,6 @@ def target_count(objective: nn.Module, batch: dict) -> int:
         return int((batch["txt_labels"] != -100).sum())
     if isinstance(objective, MaskedRegionObjective):
         return int(batch["img_masked"].sum())
-    if isinstance(objective, ITM):
+    if isinstance(objective, ITM | ITC):
         return len(batch["img_keys"])
     raise TypeError(f"no target count for objective {type(objective).__name__}")
