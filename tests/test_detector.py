@@ -350,3 +350,19 @@ def test_detectron2_weights_for_another_vocabulary_fail_fast(d2_weights):
         "(21, 2048) in the file but (1601, 2048) in the model "
         "(check features.detector.detectron2.num_classes)"
     )
+
+
+def test_training_twice_gives_the_same_weights(tmp_path):
+    _write_vg_dedup(tmp_path / "dedup", _rendered(12, seed=11))
+    cfg = DetectorConfig(image_size=64, max_image_size=96,
+                         train=DetectorTrainConfig(epochs=2, batch_size=4, warmup_steps=2, val_fraction=0.2))
+    weights = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        out.mkdir()
+        ctx = StageContext(_Cfg(cfg), workdir=tmp_path, out_dir=out, inputs={"dedup": tmp_path / "dedup"})
+        run_detector_stage(ctx)
+        weights.append(torch.load(out / "detector.pt", weights_only=True)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
