@@ -443,3 +443,16 @@ def test_answer_vocabulary_mismatch_fails_clearly(finetuned, tmp_path):
     assert str(err.value) == (f"{root / 'out' / 'finetune_vqa' / 'pretrained'}: answer vocabulary mismatch: "
                               "checkpoint has 2 answers, data has 1 (first difference at label 0: checkpoint "
                               "'yes', data 'maybe')")
+
+
+def test_finetuning_again_gives_the_same_model(finetuned, tmp_path):
+    root, inputs, cfg, _, _ = finetuned
+    needed = {name: inputs[name] for name in finetune_upstream("vqa")}
+    again = StageContext(cfg=cfg, workdir=root, out_dir=tmp_path / "vqa", inputs=needed)
+    finetune_stage.run_task(again, "vqa")
+    first = root / "out" / "finetune_vqa"
+    for variant in ("pretrained", "scratch"):
+        for rel in ("encoder/model.pt", "head.pt"):
+            a = torch.load(first / variant / rel, weights_only=True)
+            b = torch.load(tmp_path / "vqa" / variant / rel, weights_only=True)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (variant, rel)
