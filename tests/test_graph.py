@@ -74,3 +74,23 @@ def test_a_second_invocation_is_served_from_cache(graph):
     _, children = runs_by_parent(workdir)[-1]
     assert len(children) == len(stages)
     assert {r.data.tags["cached"] for r in children} == {"true"}
+
+
+def test_the_readme_table_is_the_eval_summary_of_the_run(graph, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from readme_results import main as readme_results
+
+    workdir, stages = graph
+    (evaluation,) = [s for s in stages if s.name == "eval"]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- demo-results:start -->\nold\n<!-- demo-results:end -->\noutro\n")
+    assert readme_results(["--config", str(MICRO), "--workdir", str(workdir), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    summary = SummaryOutput(workdir / "eval" / evaluation.key).summary_markdown.read_text()
+    table = [line for line in summary.splitlines() if line.startswith("| ")]
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert all(line in text for line in table) and evaluation.key in text
+    with pytest.raises(SystemExit, match="no finished eval output"):  # another config: that run never ran
+        readme_results(["--config", str(MICRO), "--workdir", str(workdir), "--readme", str(readme), "seed=5"])
