@@ -94,3 +94,22 @@ def test_the_readme_table_is_the_eval_summary_of_the_run(graph, tmp_path):
     assert all(line in text for line in table) and evaluation.key in text
     with pytest.raises(SystemExit, match="no finished eval output"):  # another config: that run never ran
         readme_results(["--config", str(MICRO), "--workdir", str(workdir), "--readme", str(readme), "seed=5"])
+
+
+def test_a_damaged_feature_store_is_named_in_one_line_and_not_retried(graph, tmp_path, capfd):
+    import os
+    import shutil
+
+    workdir, stages = graph
+    copy = tmp_path / "work"
+    shutil.copytree(workdir, copy, copy_function=os.link, ignore=shutil.ignore_patterns("mlflow.db"))
+    (features,) = [s for s in stages if s.name == "features"]
+    (data,) = (copy / "features" / features.key / "img_db").rglob("data.mdb")
+    damaged = data.read_bytes()[: data.stat().st_size // 2]
+    data.unlink()  # a new file: the hard link still serves the original to the other tests
+    data.write_bytes(damaged)
+    capfd.readouterr()
+    assert main(["--config", str(MICRO), "--workdir", str(copy), "--stage", "pretrain", "--force"]) == 1
+    out, err = capfd.readouterr()
+    assert err.strip().splitlines()[-1].startswith("error: ") and f"{data} is truncated" in err
+    assert (out + err).count("pretrain: running") == 1  # a stage that failed is not started again
