@@ -21,7 +21,9 @@ from vlp.eval.vqa import (
     vqa_accuracy,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
+# ../shared/fixtures beside the checkout (a git worktree sits one level deeper: the nearest one up).
+FIXTURES = next(p / "shared" / "fixtures" / "formats" for p in Path(__file__).resolve().parents
+                if (p / "shared" / "fixtures").is_dir())
 
 # ---------------------------------------------------------------- retrieval
 
@@ -220,10 +222,13 @@ def test_answer_vocab_and_soft_targets():
 
     humans = ["two", "2", "2", "Dog", "dog", "the dog", "dog", "cat", "yes", "maybe"]
     labels, scores = soft_targets(humans, vocab)
-    # 2 x 3 -> 1, dog x 4 -> 1, yes x 1 -> 1/3; cat and maybe are not in the vocabulary
+    # 2 x 3 -> 0.9, dog x 4 -> 1, yes x 1 -> 0.3 (UNITER / MCAN); cat and maybe are not in the vocabulary
     assert labels == [0, 1, 3]
-    assert scores == pytest.approx([1.0, 1 / 3, 1.0])
-    assert [answer_score(n) for n in range(5)] == pytest.approx([0, 1 / 3, 2 / 3, 1, 1])
+    assert scores == pytest.approx([0.9, 0.3, 1.0])
+    # min(n / 3, 1): 2 x 3 -> 1, yes x 1 -> 1/3
+    assert soft_targets(humans, vocab, "linear") == (labels, pytest.approx([1.0, 1 / 3, 1.0]))
+    assert [answer_score(n) for n in range(6)] == pytest.approx([0, 0.3, 0.6, 0.9, 1, 1])  # UNITER / MCAN
+    assert [answer_score(n, "linear") for n in range(5)] == pytest.approx([0, 1 / 3, 2 / 3, 1, 1])
 
 
 # ---------------------------------------------------------------- ISDa

@@ -121,7 +121,10 @@ def build_world(root: Path) -> dict[str, Path]:
     keys = list(flickr)
     flickr_split = {k: "train" if i < 12 else "val" if i < 16 else "test" for i, k in enumerate(keys)}
 
-    vqa_rows = []
+    # VQA's test-dev: questions without answers (first in the table; the missing-images test edits the last).
+    vqa_rows = [{"question_id": 9000 + i, "image_key": key, "split": "test-dev2015", "question": "is it red?",
+                 "answers": None, "multiple_choice_answer": None, "answer_type": None}
+                for i, key in enumerate(["coco:11", "coco:12"])]
     for i, (key, objects) in enumerate(vqa_images.items()):
         for q, (shape, colour) in enumerate([(objects[0][0], objects[0][1]), (SHAPES[i % 4], "green")]):
             present = any(o[0] == shape and o[1] == colour for o in objects)
@@ -244,7 +247,8 @@ def configs(root: Path, skip_missing_images: bool = False, **common) -> SimpleNa
         snli_ve={**train, "train_split": "train", "val_split": "dev"},
         refcoco={**train, "train_split": "train", "val_split": "val"},
     )
-    evaluation = EvalConfig(retrieval={"shortlist_k": 2, "chunk": (3, 5), "attention_pairs": 2})
+    evaluation = EvalConfig(retrieval={"shortlist_k": 2, "chunk": (3, 5), "attention_pairs": 2},
+                            splits={"vqa": ["val2014", "test-dev2015"]})
     features = FeatureConfig(detector={**DETECTOR, "weights": str(root / "detector.pt")}, nbb=(NBB,))
     runtime = RuntimeConfig(precision="fp32", skip_missing_images=skip_missing_images)
     return SimpleNamespace(finetune=finetune, eval=evaluation, features=features, runtime=runtime, seed=0)
@@ -385,6 +389,12 @@ def test_eval_writes_metrics_summary_and_figures(evaluated):
     predictions = json.loads((root / "out" / "eval_vqa" / "pretrained" / "val2014_predictions.json")
                              .read_text())
     assert len(predictions) == 8 and {"question_id", "answer", "score"} <= predictions[0].keys()
+    # test-dev has no answers: no metric, and the evaluation server's results file.
+    assert metrics["vqa"]["pretrained"]["test-dev2015"] == {}
+    results = json.loads((root / "out" / "eval_vqa" / "pretrained" /
+                          "vqa_OpenEnded_mscoco_test-dev2015_pretrained_results.json").read_text())
+    assert [r["question_id"] for r in results] == [9000, 9001]
+    assert all(r.keys() == {"question_id", "answer"} and r["answer"] in ("yes", "no") for r in results)
     # The ground-truth regions of every RefCOCO image (5 train, 3 evaluated), in the features layout.
     gt = FeaturesOutput(root / "out" / "gt_features").img_db()
     assert len(gt) == 8 and all(gt.get(k).features.shape[1] == DIM for k in gt.keys())

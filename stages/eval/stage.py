@@ -3,7 +3,9 @@
 ``eval_<task>`` evaluates every finetuned variant of ``finetune_<task>`` on the task's ``eval.splits`` and
 writes ``metrics.json`` = ``{variant: {section: {metric: value}}}`` plus each variant's predictions. Sections
 are splits; RefCOCO puts the detected-region accuracy (``refcoco_acc``) and the ground-truth-region accuracy
-(``refcoco_gt_acc``, on the gt_features stage's regions at the COCO instance boxes) side by side. Retrieval
+(``refcoco_gt_acc``, on the gt_features stage's regions at the COCO instance boxes) side by side. A VQA test
+split (test-dev2015 / test2015: no answers) gets no metrics but the evaluation server's results file
+(``EvalOutput.vqa_results_path``). Retrieval
 adds the zero-shot model (the pretrained encoder with its ITM head), scores each test split in every
 ``eval.retrieval.modes`` (sections ``test/full``, ``test/shortlist``: recall@1/5/10, Meta-Sum, seconds,
 pairs scored), measures ISDa on Flickr30k Entities (section ``isda``) and draws
@@ -106,6 +108,9 @@ def eval_task(s: Setup, task: str) -> tuple[Metrics, list[str]]:
             sections.setdefault(split, {}).update(
                 {k: v for k, v in values.items() if not (suffix and k.endswith("_loss"))})
             write_json(s.out.predictions_path(name, f"{split}{suffix}"), predictions)
+            if task == "vqa" and not split_data.answered:  # a test split: submit to the evaluation server
+                results = [{"question_id": p["question_id"], "answer": p["answer"]} for p in predictions]
+                write_json(s.out.vqa_results_path(name, split), results)
             ctx.log.info("eval_%s: %s %s%s: %s", task, name, split, suffix,
                          ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
         metrics[name] = sections
