@@ -75,6 +75,12 @@ class IAISSettings(BaseModel):
 
     enabled: bool = True
     variant: Literal["singular", "distributed"] = "singular"
+    # singular mirror: scores (the paper: softmax over gathered scores) or probabilities (the official code:
+    # softmax over gathered head-averaged probabilities); vlp.objectives.iais
+    singular_mirror: Literal["scores", "probabilities"] = "scores"
+    # over the positive pairs: mean (the paper's weighting against the margin loss) or sum (the official
+    # code, whose rank loss is a mean: weight x positives per step)
+    positives: Literal["mean", "sum"] = "mean"
     anchors: tuple[Anchor, ...] = ("text", "image")
     schedule: Literal["exp", "linear", "log", "constant"] = "exp"
     gamma: float = Field(5.0, gt=0)  # exp / log schedule steepness (the paper: 5 and 10)
@@ -85,8 +91,8 @@ class IAISSettings(BaseModel):
     def loss_config(self) -> dict[str, Any] | None:
         if not self.enabled:
             return None
-        return {"variant": self.variant, "anchors": list(self.anchors), "schedule": self.schedule,
-                "gamma": self.gamma}
+        return {"variant": self.variant, "singular_mirror": self.singular_mirror, "positives": self.positives,
+                "anchors": list(self.anchors), "schedule": self.schedule, "gamma": self.gamma}
 
 
 class RetrievalConfig(TrainConfig):
