@@ -28,7 +28,7 @@ from stages.feature_extraction.detector.torchvision_backend import save_checkpoi
 from stages.finetune import aggregate as finetune_aggregate
 from stages.finetune import stage as finetune_stage
 from stages.finetune.config import FinetuneConfig, finetune_upstream
-from stages.outputs.features import FeaturesOutput
+from stages.outputs.features import EntityFeaturesOutput, FeaturesOutput
 from stages.outputs.finetune import FinetuneOutput
 from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput
@@ -218,9 +218,12 @@ def build_world(root: Path) -> dict[str, Path]:
     write_table(download / "tables" / "captions.parquet", coco_captions, tables.CAPTIONS)
     karpathy_rows = [{"corpus": "coco", "scheme": "karpathy", "split": s, "image_key": k}
                      for k, s in karpathy.items()]
-    write_table(download / "tables" / "splits.parquet", karpathy_rows, tables.SPLITS)
+    write_table(download / "tables" / "splits.parquet", karpathy_rows + split_rows, tables.SPLITS)
+    write_table(download / "tables" / "entities.parquet", entity_rows, tables.ENTITIES)
     write_table(download / "images" / "coco" / "shard-00000.parquet", image_rows("coco", ref_images, True),
                 tables.IMAGES)
+    write_table(download / "images" / "flickr30k" / "shard-00000.parquet",
+                image_rows("flickr30k", flickr, True), tables.IMAGES)
 
     pretrain = PretrainOutput(root / "pretrain")
     torch.manual_seed(0)
@@ -340,7 +343,9 @@ def test_rank_head_starts_from_the_itm_head_and_scratch_does_not(finetuned):
 def evaluated(finetuned):
     root, inputs, cfg, _, _ = finetuned
     gt_features.run(context(cfg, root, "gt_features", {"download": inputs["download"]}))
-    inputs = inputs | {"gt_features": root / "out" / "gt_features"}
+    gt_features.run_entities(context(cfg, root, "entity_features", {"download": inputs["download"]}))
+    inputs = inputs | {"gt_features": root / "out" / "gt_features",
+                       "entity_features": root / "out" / "entity_features"}
     results = {}
     for task in TASK_NAMES:
         needed = {}
@@ -399,6 +404,21 @@ def test_eval_writes_metrics_summary_and_figures(evaluated):
     gt = FeaturesOutput(root / "out" / "gt_features").img_db()
     assert len(gt) == 8 and all(gt.get(k).features.shape[1] == DIM for k in gt.keys())
     gt.close()
+    # The Entities boxes of the 4 Entities-test images (ISDa's splits), one region per box, boxes.json in
+    # the store's row order; ISDa scored every test sentence (4 images x 2) on those regions.
+    entities = EntityFeaturesOutput(root / "out" / "entity_features")
+    store, boxes = entities.img_db(), entities.boxes()
+    tables_dir = root / "download" / "tables"
+    test_keys = sorted(r["image_key"] for r in pq.read_table(tables_dir / "splits.parquet").to_pylist()
+                       if r["scheme"] == "entities" and r["split"] == "test")
+    assert sorted(store.keys()) == sorted(boxes) == test_keys and len(test_keys) == 4
+    rows = pq.read_table(tables_dir / "entities.parquet").to_pylist()
+    for key in test_keys:
+        # Sentence 0 names every object once (sentence 1 the same ones reversed: no new box).
+        first = [r["boxes"][0] for r in rows if r["image_key"] == key and r["sentence_idx"] == 0]
+        assert boxes[key] == first and len(store.get(key).boxes) == len(first)
+    store.close()
+    assert EntityFeaturesOutput(root / "out" / "entity_features").missing() == []
 
 
 def test_karpathy_txtdb_writes_the_coco_karpathy_splits_with_the_txtdb_tokenizer(finetuned):

@@ -7,6 +7,7 @@ import torch
 from vlp.data.img_db import ImgDb, ImgDbWriter
 from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wordpiece
 from vlp.data.txt_db import TxtDb, TxtDbWriter
+from vlp.eval.isda import isda
 from vlp.eval.retrieval import recall_at_k, score_all_pairs, shortlist_rerank
 from vlp.model import UniterConfig, UniterModel
 from vlp.objectives.itm import ITM
@@ -17,7 +18,10 @@ from vlp.tasks.retrieval import (
     Retrieval,
     RetrievalDataError,
     RetrievalDataset,
+    annotated_regions,
+    detected_regions_by_iou,
     entity_inputs,
+    entity_objects,
     hardest,
     hinge,
     pair_batch,
@@ -202,10 +206,13 @@ def test_texts_of_images_missing_from_the_store_are_listed_and_left_out(store):
         RetrievalDataset([txt_db], img_db, neg_samples=8)
 
 
-def test_entity_phrases_map_to_word_piece_positions_and_isda_runs(store):
+def test_entity_phrases_map_to_word_piece_positions_and_isda_objects(store):
     _, img_db, tok = store
-    sentence = EntitySentence("img:2", ("a", "green", "star", "and", "red", "circle"), (
-        EntityPhrase(0, 3, ((0.0, 0.0, 10.0, 10.0),)), EntityPhrase(4, 2, ((20.0, 20.0, 40.0, 40.0),))))
+    words = ("a", "green", "star", "and", "red", "circle", "near", "it")
+    sentence = EntitySentence("img:2", words, (
+        EntityPhrase(0, 3, "7", ((0.0, 0.0, 10.0, 10.0),)),
+        EntityPhrase(4, 2, "9", ((20.0, 20.0, 40.0, 40.0),)),
+        EntityPhrase(7, 1, "7", ((0.0, 0.0, 10.0, 10.0),))))  # "it": chain 7 again (coreference)
     ids, positions = entity_inputs(tok, sentence, cls_id=2, sep_id=3, max_txt_len=60)
     pieces = tok.convert_ids_to_tokens(ids.tolist())
     assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]"
@@ -213,11 +220,29 @@ def test_entity_phrases_map_to_word_piece_positions_and_isda_runs(store):
     assert "".join(pieces[p].lstrip("#") for p in positions[1]) == "redcircle"
     _, cut = entity_inputs(tok, sentence, cls_id=2, sep_id=3, max_txt_len=2)
     assert cut[1] == [] and len(cut[0]) == 2
-    # Regions of img:2 scaled to a 100 x 100 image; annotation boxes equal to two of them match (IoU 1).
-    boxes = img_db.get("img:2").boxes[:, :4] * 100
-    phrases = [EntityPhrase(p.first_word, p.n_words, (tuple(boxes[r].tolist()),))
-               for p, r in zip(sentence.phrases, (0, 1), strict=True)]
-    matched = EntitySentence("img:2", sentence.words, tuple(phrases))
-    model = tiny_model(len(tok.get_vocab()))
-    values = sentence_isda(model, img_db, [sentence, matched], {"img:2": (100, 100)}, tok, cls_id=2, sep_id=3)
-    assert values[0] is None and values[1] is not None and values[1] >= 0
+    # Region boxes of img:2 in a 100 x 100 image; an annotated store holds one region per box, in this order.
+    region = img_db.get("img:2")
+    region_boxes = region.boxes[:, :4]
+    pixels = (region_boxes.double() * 100).tolist()
+    annotated = annotated_regions({"img:2": pixels})
+    phrases = [EntityPhrase(p.first_word, p.n_words, p.chain, (tuple(pixels[r]),))
+               for p, r in zip(sentence.phrases, (1, 0, 1), strict=True)]
+    boxed = EntitySentence("img:2", words, tuple(phrases))
+    # One object per chain: chain 7 = "a green star" + "it" with region 1, chain 9 = "red circle", region 0.
+    objects = entity_objects(boxed, positions, region_boxes, annotated)
+    assert objects == [(positions[0] + positions[2], [1]), (positions[1], [0])]
+    unboxed = entity_objects(sentence, positions, region_boxes, annotated)
+    assert unboxed == [(positions[0] + positions[2], []), (positions[1], [])]
+    # Detected regions: a box equal to a region's matches it (IoU 1); a box far from all matches none.
+    detected = detected_regions_by_iou({"img:2": (100, 100)})
+    assert 1 in detected("img:2", [pixels[1]], region_boxes)
+    assert detected("img:2", [[90, 90, 99, 99]], region_boxes) == []
+    model = tiny_model(len(tok.get_vocab())).eval()
+    values = sentence_isda(model, img_db, [sentence, boxed], tok, annotated, cls_id=2, sep_id=3)
+    assert values[0] is None  # no object has a region
+    n = len(pixels)
+    attention = model(input_ids=ids[None], position_ids=torch.arange(len(ids))[None],
+                      txt_mask=torch.ones(1, len(ids), dtype=torch.bool), img_feat=region.features[None],
+                      img_pos_feat=region.boxes[None], img_mask=torch.ones(1, n, dtype=torch.bool),
+                      attn_layer=-1).attention[0]
+    assert values[1] == pytest.approx(isda(attention, len(ids), n, objects), abs=1e-6)

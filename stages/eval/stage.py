@@ -25,14 +25,13 @@ from stages.eval import figures
 from stages.eval.config import EvalConfig
 from stages.eval.retrieval import (
     attention_maps,
-    entity_sentences,
-    flickr_sizes,
+    isda_inputs,
     isda_of,
     log_summary,
     score_modes,
 )
 from stages.outputs.eval import EvalOutput, Metrics, flatten, write_json
-from stages.outputs.features import FeaturesOutput
+from stages.outputs.features import EntityFeaturesOutput, FeaturesOutput
 from stages.outputs.finetune import FinetuneOutput
 from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput, find_dbs, max_txt_len
@@ -145,11 +144,13 @@ def _retrieval_models(s: Setup, dataset: str):
 def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
     ctx, rcfg = s.ctx, s.cfg.retrieval
     tokenizer = load_tokenizer(s.pre.tokenizer_dir)
-    sentences = entity_sentences(ctx.inputs["dedup"], rcfg.isda_splits, s.img_db, rcfg.isda_max_sentences)
-    sizes = flickr_sizes(ctx.inputs["dedup"], sentences) if sentences else {}
+    isda_data = isda_inputs(rcfg, ctx.inputs["dedup"], EntityFeaturesOutput(ctx.inputs["entity_features"]),
+                            s.img_db)
+    sentences = isda_data.sentences
     if not sentences:
-        ctx.log.warning("eval_retrieval: no Flickr30k Entities sentence of splits %s has two boxed phrases "
-                        "and an image in the store: no ISDa", list(rcfg.isda_splits))
+        ctx.log.warning("eval_retrieval: no Flickr30k Entities sentence of splits %s has two boxed chains "
+                        "and an image in the %s regions' store: no ISDa", list(rcfg.isda_splits),
+                        rcfg.isda_regions)
     txt_dbs = [TxtDbOutput(ctx.inputs["txtdb"]), TxtDbOutput(ctx.inputs["karpathy_txtdb"])]
     metrics: Metrics = {}
     artifacts: list[str] = []
@@ -179,7 +180,7 @@ def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
                 curves[kind] = next(iter(results.values())).curve
                 if sentences and ISDA_SECTION not in sections:
                     # Entities sentences are cut as the text db stage cut the texts the model was tuned on.
-                    sections[ISDA_SECTION] = isda_of(scorer, sentences, sizes, tokenizer, test.pairs.meta,
+                    sections[ISDA_SECTION] = isda_of(scorer, isda_data, tokenizer, test.pairs.meta,
                                                      max_txt_len(test.pairs.meta, paths[0]))
                     ctx.log.info("eval_retrieval: %s ISDa %s", name, sections[ISDA_SECTION])
                 if rcfg.attention_pairs:
@@ -191,6 +192,8 @@ def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
             path = figures.recall_curves(curves, s.out.figures_dir / f"recall_{dataset}_{split}.png",
                                          f"{dataset} {split}: recall@K ({rcfg.modes[0]} scoring)")
             artifacts.append(str(path.relative_to(s.out.root)))
+    if isda_data.img_db is not s.img_db:
+        isda_data.img_db.close()
     return metrics, artifacts
 
 

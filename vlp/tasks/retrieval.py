@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from vlp.data.collate import collate
 from vlp.data.img_db import ImgDb
 from vlp.data.pretrain_dataset import ImageTextIndex, PretrainDataset, TxtDbLike
-from vlp.eval.isda import isda
+from vlp.eval.isda import detected_regions, isda
 from vlp.model import UniterConfig, UniterModel
 from vlp.objectives.common import init_head_weights
 from vlp.objectives.iais import IAISConfig, IAISLoss
@@ -422,6 +422,7 @@ def unimodal_similarity(scorer: PairScorer, chunk: int = 256) -> Tensor:
 class EntityPhrase:
     first_word: int  # index of the phrase's first word in the sentence split on spaces
     n_words: int
+    chain: str  # Entities chain id: the phrases of one chain in a sentence are one object
     boxes: tuple[tuple[float, float, float, float], ...]  # x1, y1, x2, y2 in pixels of the original image
 
 
@@ -432,6 +433,35 @@ class EntitySentence:
     img_key: str
     words: tuple[str, ...]
     phrases: tuple[EntityPhrase, ...]
+
+
+# Regions of one object: (image key, the object's annotated boxes, the store's normalized x1y1x2y2 region
+# boxes [N, 4]) -> region indices.
+Locate = Callable[[str, Sequence[Sequence[float]], Tensor], list[int]]
+
+
+def annotated_regions(boxes_by_image: Mapping[str, Sequence[Sequence[float]]]) -> Locate:
+    """Regions of a store pooled at the annotated boxes themselves, one region per box, whose row order is
+    ``boxes_by_image[key]`` (the paper's ISDa: features at the Entities ground-truth boxes)."""
+
+    def locate(key: str, boxes: Sequence[Sequence[float]], region_boxes: Tensor) -> list[int]:
+        index = {tuple(float(v) for v in box): r for r, box in enumerate(boxes_by_image.get(key, ()))}
+        rows = (index.get(tuple(float(v) for v in box)) for box in boxes)
+        return sorted({r for r in rows if r is not None and r < len(region_boxes)})
+
+    return locate
+
+
+def detected_regions_by_iou(image_sizes: Mapping[str, tuple[int, int]], iou_threshold: float = 0.5) -> Locate:
+    """Detected regions whose box has IoU >= ``iou_threshold`` with one of the object's boxes; the store's
+    normalized boxes are scaled by ``image_sizes[key]`` = (width, height) to the annotation's pixels."""
+
+    def locate(key: str, boxes: Sequence[Sequence[float]], region_boxes: Tensor) -> list[int]:
+        width, height = image_sizes[key]
+        scale = torch.tensor([width, height, width, height], dtype=torch.float64)
+        return detected_regions(region_boxes.double() * scale, boxes, iou_threshold)
+
+    return locate
 
 
 def entity_inputs(tokenizer: Any, sentence: EntitySentence, cls_id: int, sep_id: int,
@@ -449,14 +479,26 @@ def entity_inputs(tokenizer: Any, sentence: EntitySentence, cls_id: int, sep_id:
     return torch.tensor([cls_id, *ids, sep_id], dtype=torch.long), positions
 
 
+def entity_objects(sentence: EntitySentence, positions: Sequence[Sequence[int]], region_boxes: Tensor,
+                   locate: Locate) -> list[tuple[list[int], list[int]]]:
+    """ISDa objects of a sentence: one per chain, (the tokens of all its phrases, its boxes' regions)."""
+    chains: dict[str, tuple[list[int], list[tuple[float, ...]]]] = {}
+    for phrase, tokens in zip(sentence.phrases, positions, strict=True):
+        chain_tokens, chain_boxes = chains.setdefault(phrase.chain, ([], []))
+        chain_tokens += tokens
+        chain_boxes += [b for b in phrase.boxes if b not in chain_boxes]
+    return [(tokens, locate(sentence.img_key, boxes, region_boxes)) for tokens, boxes in chains.values()]
+
+
 @torch.no_grad()
-def sentence_isda(model: UniterModel, img_db: ImgDb, sentences: Sequence[EntitySentence],
-                  image_sizes: Mapping[str, tuple[int, int]], tokenizer: Any, *, cls_id: int, sep_id: int,
-                  max_txt_len: int = 60, batch_size: int = 16, pad_id: int = 0,
-                  device: torch.device | str = "cpu", autocast: Autocast = nullcontext) -> list[float | None]:
-    """ISDa (vlp.eval.isda) of each matched sentence-image pair in the last layer's attention, or None
-    when the pair has fewer than two phrases with a matching region. Region boxes of the store are
-    normalized; they are scaled by ``image_sizes[key]`` = (width, height) to the annotation's pixels."""
+def sentence_isda(model: UniterModel, img_db: ImgDb, sentences: Sequence[EntitySentence], tokenizer: Any,
+                  locate: Locate, *, cls_id: int, sep_id: int, max_txt_len: int = 60, batch_size: int = 16,
+                  pad_id: int = 0, device: torch.device | str = "cpu",
+                  autocast: Autocast = nullcontext) -> list[float | None]:
+    """ISDa (vlp.eval.isda) of each sentence with its image's regions in ``img_db`` (the Entities boxes'
+    store, or the detected regions), in the last layer's attention; None when the pair has fewer than
+    two objects with tokens and regions. ``locate`` gives an object's regions (``annotated_regions``,
+    ``detected_regions_by_iou``)."""
     values: list[float | None] = []
     with evaluating(model):
         for s0 in range(0, len(sentences), batch_size):
@@ -472,10 +514,8 @@ def sentence_isda(model: UniterModel, img_db: ImgDb, sentences: Sequence[EntityS
                                   attn_layer=-1).attention
             lt = batch["input_ids"].shape[1]
             for j, ((_, positions), region, s) in enumerate(zip(inputs, regions, chunk, strict=True)):
-                width, height = image_sizes[s.img_key]
-                boxes = region.boxes[:, :4].double() * torch.tensor([width, height, width, height],
-                                                                    dtype=torch.float64)
-                values.append(isda(attention[j], lt, positions, [p.boxes for p in s.phrases], boxes))
+                objects = entity_objects(s, positions, region.boxes[:, :4], locate)
+                values.append(isda(attention[j], lt, len(region.boxes), objects))
     return values
 
 
