@@ -19,7 +19,7 @@ from vlp.data.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from vlp.model import UniterConfig, UniterModel
 from vlp.tasks import TASKS
 from vlp.tasks.common import TaskDataError, read_image_sizes
-from vlp.tasks.nlvr2 import NLVR2, expand_type_embeddings
+from vlp.tasks.nlvr2 import NLVR2, AttentionPool, expand_type_embeddings
 from vlp.tasks.refexp import NO_TARGET, RefExp, box_iou, match_region, refexp_hits
 from vlp.tasks.snli_ve import SNLIVE
 from vlp.tasks.vqa import VQA, vqa_loss
@@ -145,6 +145,33 @@ def _fix_output(layer: torch.nn.Linear, bias: list[float]) -> None:
     with torch.no_grad():
         layer.weight.zero_()
         layer.bias.copy_(torch.tensor(bias))
+
+
+def test_nlvr2_attention_pool_official_relu_and_plain_linear():
+    # Scores w . x with w = (1, 0) over positions x0 = (1, 1), x1 = (-2, 3), x2 = (5, 5) (padding): 1 and -2.
+    sequence = torch.tensor([[[1.0, 1.0], [-2.0, 3.0], [5.0, 5.0]]])
+    mask = torch.tensor([[True, True, False]])
+    linear, official = AttentionPool(2), AttentionPool(2, relu=True, dropout=0.5)
+    for pool in (linear, official):
+        _fix_output(pool.score, [0.0])
+        with torch.no_grad():
+            pool.score.weight.copy_(torch.tensor([[1.0, 0.0]]))
+    # linear: softmax(1, -2) = (e^3, 1) / (1 + e^3); official: ReLU gives (1, 0): softmax = (e, 1) / (1 + e)
+    w = math.exp(3) / (1 + math.exp(3))
+    assert linear(sequence, mask)[0].tolist() == pytest.approx([w - 2 * (1 - w), w + 3 * (1 - w)])
+    official.eval()
+    v = math.e / (1 + math.e)
+    assert official(sequence, mask)[0].tolist() == pytest.approx([v - 2 * (1 - v), v + 3 * (1 - v)])
+    # In training the pool's weights are dropped out (p = 0.5: kept ones doubled), the plain pool's never.
+    official.train()
+    torch.manual_seed(0)
+    dropped = {tuple(official(sequence, mask)[0].tolist()) for _ in range(20)}
+    assert len(dropped) > 1
+    config = UniterConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32, img_dim=IMG_DIM)
+    head = NLVR2(config)  # the default: UniterForNlvr2PairedAttn's pool, dropout = attention dropout
+    assert head.biattn.pool.relu and head.biattn.pool.dropout == config.attention_probs_dropout_prob
+    assert not NLVR2(config, pool="linear").biattn.pool.relu
 
 
 def test_registry_names_and_metrics():

@@ -36,8 +36,12 @@ def sample_negatives(
     return source, (~negative).long()
 
 
-def word_positions(txt_mask: Tensor) -> Tensor:
-    """txt_mask without [CLS] (position 0) and [SEP] (the last real position): the words WRA aligns."""
+def word_positions(txt_mask: Tensor, cls_sep: bool = False) -> Tensor:
+    """The text positions WRA aligns: the words, txt_mask without [CLS] (position 0) and [SEP] (the last
+    real position), as the paper's OT between words w and regions v; with ``cls_sep`` every real text
+    position (the official code's OT masks only padding: itm_ot_collate's txt_pad)."""
+    if cls_sep:
+        return txt_mask.clone()
     words = txt_mask.clone()
     words[:, 0] = False
     last = (txt_mask.sum(dim=1) - 1).clamp_min(0)
@@ -72,6 +76,7 @@ class ITM(nn.Module):
         wra: bool = True,
         wra_beta: float = 0.5,
         wra_iters: int = 50,
+        wra_cls_sep: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= neg_prob <= 1.0:
@@ -82,6 +87,7 @@ class ITM(nn.Module):
         self.wra = wra
         self.wra_beta = wra_beta
         self.wra_iters = wra_iters
+        self.wra_cls_sep = wra_cls_sep
         self.head = nn.Linear(model.config.hidden_size, 2)
         init_head_weights(self.head, model.config.initializer_range)
 
@@ -104,8 +110,7 @@ class ITM(nn.Module):
             # OT in fp32 even under autocast: exp(-cost / beta) and the scalings lose too much in bf16.
             with torch.autocast(device_type=sequence.device.type, enabled=False):
                 cost = cosine_cost(sequence[:, :text_len].float(), sequence[:, text_len:].float())
-                distance = ot_distance(
-                    cost, word_positions(batch["txt_mask"]), batch["img_mask"], self.wra_beta, self.wra_iters
-                )
+                words = word_positions(batch["txt_mask"], self.wra_cls_sep)
+                distance = ot_distance(cost, words, batch["img_mask"], self.wra_beta, self.wra_iters)
             result["wra_loss"] = wra_loss(distance, targets)
         return result
