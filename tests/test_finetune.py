@@ -283,6 +283,8 @@ def finetuned(world):
     karpathy_txtdb.run(context(cfg, root, "karpathy_txtdb", {"download": inputs["download"],
                                                                "txtdb": inputs["txtdb"]}))
     inputs["karpathy_txtdb"] = root / "out" / "karpathy_txtdb"
+    gt_features.run(context(cfg, root, "gt_features", {"download": inputs["download"]}))
+    inputs["gt_features"] = root / "out" / "gt_features"
     results = {}
     for task in TASK_NAMES:
         needed = {name: inputs[name] for name in finetune_upstream(task)}
@@ -321,11 +323,25 @@ def test_finetune_stages_write_a_checkpoint_per_task_and_initialisation(finetune
     assert sorted(vqa["state_extra"]["ans2label"]) == ["no", "yes"]
     nlvr2 = UniterModel.from_pretrained(root / "out" / "finetune_nlvr2" / "scratch" / "encoder")
     assert nlvr2.config.type_vocab_size == 3
+    # RefCOCO trains on the ground-truth regions (UNITER) and validates on the detected ones.
+    curves = json.loads((root / "out" / "finetune_refcoco" / "pretrained" / "curves.json").read_text())
+    assert all("refcoco_gt_acc" in c and "refcoco_acc" not in c for c in curves if c["split"] == "train")
+    assert all("refcoco_acc" in c for c in curves if c["split"] == "val")
     retrieval = json.loads((root / "out" / "finetune_retrieval" / "variants.json").read_text())
     assert [v["iais"] for v in retrieval] == [True, True, False] * 2
     index = json.loads((root / "out" / "finetune" / "finetune.json").read_text())
     assert sorted(index) == sorted(TASK_NAMES)
     assert aggregate.artifacts == ["finetune.json"]
+
+
+def test_refcoco_can_train_on_the_detected_regions(finetuned, tmp_path):
+    root, inputs, cfg, _, _ = finetuned
+    cfg = configs(root, init="scratch")
+    cfg.finetune.refcoco.train_regions = "detected"
+    needed = {name: inputs[name] for name in finetune_upstream("refcoco")}
+    finetune_stage.run_task(context(cfg, tmp_path, "finetune_refcoco", needed), "refcoco")
+    curves = json.loads((tmp_path / "out" / "finetune_refcoco" / "scratch" / "curves.json").read_text())
+    assert all("refcoco_acc" in c and "refcoco_gt_acc" not in c for c in curves if c["split"] == "train")
 
 
 def test_rank_head_starts_from_the_itm_head_and_scratch_does_not(finetuned):
@@ -342,10 +358,8 @@ def test_rank_head_starts_from_the_itm_head_and_scratch_does_not(finetuned):
 @pytest.fixture(scope="module")
 def evaluated(finetuned):
     root, inputs, cfg, _, _ = finetuned
-    gt_features.run(context(cfg, root, "gt_features", {"download": inputs["download"]}))
     gt_features.run_entities(context(cfg, root, "entity_features", {"download": inputs["download"]}))
-    inputs = inputs | {"gt_features": root / "out" / "gt_features",
-                       "entity_features": root / "out" / "entity_features"}
+    inputs = inputs | {"entity_features": root / "out" / "entity_features"}
     results = {}
     for task in TASK_NAMES:
         needed = {}

@@ -148,6 +148,10 @@ class SnliVeConfig(HeadTaskConfig):
 
 class RefcocoConfig(HeadTaskConfig):
     options: RefExpOptions = Field(default_factory=RefExpOptions)
+    # Regions of the training split: gt = the COCO instance boxes (gt_features; UNITER: "only one object is
+    # paired with the query", and its refcoco configs train on re_coco_gt), detected = the detector's regions
+    # with the referred box's best match at IoU >= 0.5 as the target. Validation uses the detected regions.
+    train_regions: Literal["gt", "detected"] = "gt"
     # An expression and its image's ~10 regions make a short example: smaller batches give the ~271 demo
     # expressions enough steps (2,048 units: 12 steps, no learning; 512 and 20 epochs: 160 steps).
     epochs: float = 20.0
@@ -181,6 +185,7 @@ def finetune_upstream(task: str) -> tuple[str, ...]:
     """Stages ``finetune_<task>`` reads: the encoder and its tokenizer (pretrain), the regions (features) and
     the task's data: retrieval texts (txtdb, karpathy_txtdb), VQA / NLVR2 / SNLI-VE tables (dedup),
     RefCOCO's table and image sizes (download: dedup drops the RefCOCO eval images' rows from the image
-    shards)."""
-    data = {"retrieval": ("txtdb", "karpathy_txtdb"), "refcoco": ("download",)}.get(task, ("dedup",))
+    shards) and its ground-truth regions (gt_features, the training split's with train_regions: gt)."""
+    data = {"retrieval": ("txtdb", "karpathy_txtdb"),
+            "refcoco": ("download", "gt_features")}.get(task, ("dedup",))
     return ("pretrain", "features", *data)

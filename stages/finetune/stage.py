@@ -10,7 +10,8 @@ from the root seed and the task), so variants differ only in what they are meant
 Curves go to the stage's MLflow run as ``<variant>/train/...`` and ``<variant>/val/...``; the final metrics
 are the last validation, ``<variant>/val/<metric>``. Inputs: ``pretrain`` (encoder, ITM head,
 tokenizer), ``features`` (regions), and the task's data: ``txtdb`` and ``karpathy_txtdb`` (retrieval),
-``dedup`` (VQA, NLVR2, SNLI-VE tables) or ``download`` (RefCOCO: tables and image sizes).
+``dedup`` (VQA, NLVR2, SNLI-VE tables) or ``download`` (RefCOCO: tables and image sizes) and
+``gt_features`` (RefCOCO's training regions at the COCO instance boxes, ``finetune.refcoco.train_regions``).
 """
 
 from __future__ import annotations
@@ -185,10 +186,18 @@ def _variants(s: Setup) -> list[dict[str, Any]]:
     tables = ctx.inputs["download" if task == "refcoco" else "dedup"] / "tables"
     extra = {"image_sizes": task_image_sizes(task, tables, ctx.inputs["download"] / "images")} \
         if task == "refcoco" else {}
-    train, val = (task_split(task, tables, s.img_db, s.pre.tokenizer_dir, split, tcfg.task_options(),
-                             skip=runtime.skip_missing_images, setting=SKIP_SETTING, log=ctx.log, **extra)
-                  for split in (tcfg.train_split, tcfg.val_split))
-    return [finetune_task(s, variant, train, val) for variant in variants_of(task, cfg)]
+    gt_store = None
+    if task == "refcoco" and cfg.refcoco.train_regions == "gt":
+        gt_store = FeaturesOutput(ctx.inputs["gt_features"]).img_db()  # UNITER trains on the annotated boxes
+    try:
+        train_extra = extra | ({"gt_img_db": gt_store} if gt_store is not None else {})
+        train, val = (task_split(task, tables, s.img_db, s.pre.tokenizer_dir, split, tcfg.task_options(),
+                                 skip=runtime.skip_missing_images, setting=SKIP_SETTING, log=ctx.log, **more)
+                      for split, more in ((tcfg.train_split, train_extra), (tcfg.val_split, extra)))
+        return [finetune_task(s, variant, train, val) for variant in variants_of(task, cfg)]
+    finally:
+        if gt_store is not None:
+            gt_store.close()
 
 
 def run_task(ctx: StageContext, task: str) -> StageResult:
