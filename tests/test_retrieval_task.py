@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from stages.finetune.config import RetrievalConfig
 from vlp.data.img_db import ImgDb, ImgDbWriter
 from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wordpiece
 from vlp.data.txt_db import TxtDb, TxtDbWriter
@@ -28,6 +29,7 @@ from vlp.tasks.retrieval import (
     sentence_isda,
     unimodal_similarity,
 )
+from vlp.train.evaluate import batch_sampler
 
 DIM = 16
 NBB = (0.2, 100, 2)
@@ -117,6 +119,63 @@ def test_training_loss_uses_the_hardest_sampled_negatives_of_both_sides(store):
         own = data.pairs.img_keys[i]
         assert own not in example["neg_images"] and len(set(example["neg_images"])) == 4
         assert all(data.pairs.img_keys[j] != own for j in example["neg_texts"])
+
+
+def test_separate_sides_anchor_the_image_side_on_its_own_positives_and_count_the_recipe(store):
+    # The official recipe's shape at toy size: 6 candidates per positive and side, the 3 hardest kept, an
+    # independent positive for the image side, 2 positives per step.
+    txt_db, img_db, tok = store
+    data = RetrievalDataset([txt_db], img_db, neg_samples=6, seed=4, sides="separate")
+    model = tiny_model(len(tok.get_vocab()))
+    task = Retrieval(model.config, margin=0.2, hard_negatives=3, sides="separate",
+                     iais={"schedule": "constant"})
+    examples = [data[i] for i in range(2)]
+    batch = data.collate(examples)
+    assert [ex["image_side"] for ex in examples] != [0, 1]  # drawn, not the text side's own
+    assert batch["neg_input_ids"].shape[0] == batch["neg_img_feat"].shape[0] == 2 * 6
+    scored = []
+    score = task.score
+    task.score = lambda m, pairs, attn_layer=None: (scored.append(len(pairs["input_ids"])),
+                                                   score(m, pairs, attn_layer))[1]
+    out = task(model, batch)
+    # Mining scores every candidate of both sides (2 x 6 each); training scores 2 positives + 2 x 3 hard
+    # images, 2 image-side positives + 2 x 3 hard texts.
+    assert scored == [12, 12, 2 + 6 + 2 + 6]
+    task.score = score
+
+    def scores(text_rows, texts, image_rows, images):
+        pairs = pair_batch(texts, images, torch.tensor(text_rows), torch.tensor(image_rows))
+        with torch.no_grad():
+            return task.score(model, pairs)[0].sigmoid()
+
+    side = {k[5:]: v for k, v in batch.items() if k.startswith("side_")}
+    negs = {k[4:]: v for k, v in batch.items() if k.startswith("neg_") and k != "neg_samples"}
+    positive, side_positive = scores([0, 1], batch, [0, 1], batch), scores([0, 1], side, [0, 1], side)
+    neg_img = scores([b for b in range(2) for _ in range(6)], batch, list(range(12)), negs).view(2, 6)
+    neg_txt = scores(list(range(12)), negs, [b for b in range(2) for _ in range(6)], side).view(2, 6)
+    expected = (0.2 + neg_img.topk(3, dim=1).values - positive[:, None]).clamp_min(0).mean() + (
+        0.2 + neg_txt.topk(3, dim=1).values - side_positive[:, None]).clamp_min(0).mean()
+    assert out["retrieval_loss"].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert {"iais_kl_text", "iais_kl_image"} <= out.keys() and out["iais_loss"].item() > 0
+    # Candidate texts are of other images than the image side's positive.
+    for ex in examples:
+        own = data.pairs.img_keys[ex["image_side"]]
+        assert all(data.pairs.img_keys[j] != own for j in ex["neg_texts"])
+    with pytest.raises(ValueError, match="sides='shared' got a batch with separate image-side positives"):
+        Retrieval(model.config)(model, batch)
+
+
+def test_positives_per_step_gives_batches_of_that_many_examples(store):
+    txt_db, img_db, _ = store
+    data = RetrievalDataset([txt_db], img_db, neg_samples=2)
+    sampler = batch_sampler(data, 10_000, train=True, setting="x", examples=3)
+    batches = sampler.epoch_batches(0)
+    assert sorted(len(b) for b in batches) == [1, 3, 3, 3, 3, 3]  # 16 texts: the epoch's last one is short
+    assert sorted(i for b in batches for i in b) == list(range(16))
+    official = RetrievalConfig(neg_samples=399, hard_negatives=31, positives_per_step=8, sides="separate")
+    assert official.examples_per_batch == 8 and RetrievalConfig().examples_per_batch is None
+    with pytest.raises(ValueError, match="hard_negatives \\(31\\) must not exceed neg_samples \\(30\\)"):
+        RetrievalConfig(neg_samples=30, hard_negatives=31)
 
 
 def test_rank_head_from_the_itm_head_gives_the_itm_matched_logit(store):

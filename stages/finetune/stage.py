@@ -105,11 +105,12 @@ def finetune_retrieval(s: Setup, variant: Variant, val: RetrievalDataset) -> dic
     # Built per variant: its negative sampler starts from the same seed in every variant.
     train = retrieval_split(find_dbs(retrieval_dbs(s.ctx), dbs.train, f"task retrieval split {split}"), split,
                             s.img_db, skip=s.runtime.skip_missing_images, setting=SKIP_SETTING, log=s.ctx.log,
-                            neg_samples=rcfg.neg_samples, seed=seed_of(s.seed, "negatives"))
+                            neg_samples=rcfg.neg_samples, seed=seed_of(s.seed, "negatives"), sides=rcfg.sides)
     model, heads = s.encoder(variant)
     torch.manual_seed(seed_of(s.seed, "head"))
     head = Retrieval(model.config, margin=rcfg.margin, hard_negatives=rcfg.hard_negatives,
-                     iais=rcfg.iais.loss_config() if variant.iais else None, iais_weight=rcfg.iais.weight)
+                     iais=rcfg.iais.loss_config() if variant.iais else None, iais_weight=rcfg.iais.weight,
+                     sides=rcfg.sides)
     if heads is not None:
         try:
             head.init_from_itm(heads, str(s.pre.model_dir / "heads.pt"))

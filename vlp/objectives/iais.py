@@ -132,16 +132,21 @@ class IAISLoss(nn.Module):
         return schedule_weight(self.config.schedule, step, total, self.config.gamma)
 
     def forward(
-        self, attn: Tensor, txt_mask: Tensor, img_mask: Tensor, positives: Tensor
+        self, attn: Tensor, txt_mask: Tensor, img_mask: Tensor, positives: Tensor,
+        anchors: tuple[Anchor, ...] | None = None,
     ) -> dict[str, Tensor]:
         """``attn`` [B, heads, Lt+N, Lt+N] probabilities; masks Bool [B, Lt] / [B, N] (True = real);
-        ``positives`` Bool [B], the matched pairs (only they are regularized).
+        ``positives`` Bool [B], the matched pairs (only they are regularized); ``anchors``: some of the
+        configured anchors only (None: all of them).
 
         Returns ``iais_loss`` (scalar, differentiable) and the detached per-anchor distance
         ``iais_kl_text`` / ``iais_kl_image`` for logging.
         """
         _check_inputs(attn, txt_mask, img_mask, positives)
         cfg = self.config
+        anchors = cfg.anchors if anchors is None else anchors
+        if not set(anchors) <= set(cfg.anchors):
+            raise ValueError(f"IAISLoss: anchors {anchors} are not among the configured {cfg.anchors}")
         zero = attn.sum() * 0.0  # keeps the graph (and DDP's used-parameter bookkeeping) intact
         lt = txt_mask.shape[1]
         words = _word_mask(txt_mask, cfg.drop_cls_sep)
@@ -150,7 +155,7 @@ class IAISLoss(nn.Module):
         out: dict[str, Tensor] = {}
         if not keep.any():
             out["iais_loss"] = zero
-            for anchor in cfg.anchors:
+            for anchor in anchors:
                 out[f"iais_kl_{anchor}"] = zero.detach()
             return out
 
@@ -162,7 +167,7 @@ class IAISLoss(nn.Module):
         s_vv = _block(a[:, :, lt:, lt:], regions)
 
         total = zero
-        for anchor in cfg.anchors:
+        for anchor in anchors:
             if anchor == "text":
                 own, own_mask = s_ll, words
                 mirror = self._mirror(s_lv, s_vl, s_vv, a[:, :, lt:, lt:], regions, words)
