@@ -40,6 +40,10 @@ class ObjectivesConfig(BaseModel):
     masking: Literal["conditional", "joint"] = "conditional"
     mask_prob: float = Field(0.15, gt=0, le=1)
     itm_neg_prob: float = Field(0.5, ge=0, le=1)
+    # Where ITM's negative images come from: corpus = any other image of the caption's text db, redrawn each
+    # epoch (UNITER's ItmDataset; the paper: "a randomly-selected one from other samples"); batch = another
+    # example's image in the same batch. Validation ITM always uses in-batch donors (vlp.objectives.itm).
+    itm_negatives: Literal["corpus", "batch"] = "corpus"
     wra: bool = True  # word-region alignment (optimal transport) alongside ITM
     wra_weight: float = Field(0.1, ge=0)
     wra_beta: float = Field(0.5, gt=0)
