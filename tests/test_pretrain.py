@@ -34,7 +34,7 @@ from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wor
 from vlp.data.txt_db import TxtDbWriter
 from vlp.model import UniterModel
 from vlp.train.checkpoints import load_pretrained
-from vlp.train.prepared import NumberedBatches, PreparedBatches
+from vlp.train.prepared import ItmPairs, NumberedBatches, PreparedBatches
 from vlp.train.pretrain_model import (
     build_model,
     encoder_config,
@@ -356,6 +356,13 @@ def test_named_datasets_give_one_stream_per_task_and_dataset(store):
     assert {s.name: s.ratio for s in streams(cfg.tasks, corpus.weights)} == {
         "itm/a": 2.0, "itm/b": 6.0, "mlm/a": 2.0, "mlm/b": 6.0, "mrc_kl/a": 1.0, "mrc_kl/b": 3.0,
         "mrfr/a": 1.0, "mrfr/b": 3.0}
+    # ITM's batches: corpus negatives (default) pair captions anew each epoch; in-batch donors read the part.
+    itm_a = next(s for s in streams(cfg.tasks, corpus.weights) if s.name == "itm/a")
+    examples, bound, per_epoch = stream_examples(itm_a, corpus, cfg, SEED)
+    assert isinstance(examples, ItmPairs) and examples.dataset is corpus.parts["a"] and per_epoch is not None
+    batch_cfg = cfg.model_copy(update={"itm_negatives": "batch"})
+    examples, bound, per_epoch = stream_examples(itm_a, corpus, batch_cfg, SEED)
+    assert examples is corpus.parts["a"] and bound is examples.img_lens and per_epoch is None
     with pytest.raises(ValueError, match="train_dbs lists a text db twice"):
         loop_config(train_dbs={"a": {"dbs": ["toy_train"]}, "b": {"dbs": ["toy_train"]}})
 
