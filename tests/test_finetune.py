@@ -435,6 +435,26 @@ def test_eval_writes_metrics_summary_and_figures(evaluated):
     assert EntityFeaturesOutput(root / "out" / "entity_features").missing() == []
 
 
+def test_isda_on_detected_regions(evaluated, tmp_path):
+    # eval.retrieval.isda_regions=detected: the features stage's regions at IoU >= 0.5 to an object's boxes
+    # (the world's regions include each object's box exactly), for the zero-shot model only.
+    root, _, _ = evaluated
+    cfg = configs(root)
+    cfg.eval = EvalConfig(retrieval={"isda_regions": "detected", "modes": ["shortlist"], "shortlist_k": 1,
+                                     "attention_pairs": 0}, splits={"retrieval": ["test"]})
+    out = root / "out"
+    inputs = {"finetune_retrieval": out / "finetune_retrieval", "pretrain": root / "pretrain",
+              "features": root / "features", "txtdb": root / "txtdb",
+              "karpathy_txtdb": out / "karpathy_txtdb", "dedup": root / "dedup",
+              "entity_features": out / "entity_features"}
+    assert sorted(inputs) == sorted(eval_upstream("retrieval"))
+    result = eval_stage.run_task(context(cfg, tmp_path, "eval_retrieval", inputs), "retrieval")
+    annotated = json.loads((root / "out" / "eval_retrieval" / "metrics.json").read_text())
+    for name in ("flickr30k/zero_shot", "flickr30k/pretrained"):
+        assert result.metrics[f"{name}/isda/isda_pairs"] == 8
+        assert result.metrics[f"{name}/isda/isda"] != annotated[name]["isda"]["isda"]  # other regions
+
+
 def test_karpathy_txtdb_writes_the_coco_karpathy_splits_with_the_txtdb_tokenizer(finetuned):
     root, inputs, _, _, _ = finetuned
     out = inputs["karpathy_txtdb"]
