@@ -18,7 +18,7 @@ from stages.outputs import StageOutput
 from stages.outputs.detector import DetectorOutput
 from stages.outputs.download import DedupOutput, DownloadOutput
 from stages.outputs.eval import EvalOutput, SummaryOutput
-from stages.outputs.features import FeaturesOutput
+from stages.outputs.features import EntityFeaturesOutput, FeaturesOutput
 from stages.outputs.finetune import FinetuneIndexOutput, FinetuneOutput
 from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput
@@ -110,6 +110,15 @@ STAGES: dict[str, StageSpec] = {
             output=FeaturesOutput,
             entry="stages.feature_extraction.gt_features:run",
             config=("features",),
+            upstream=lambda cfg: ("download",)
+            + (("detector",) if cfg.features.detector.weights is None else ()),
+            files=lambda cfg: (cfg.features.detector.weights,),
+        ),
+        StageSpec(
+            name="entity_features",
+            output=EntityFeaturesOutput,
+            entry="stages.feature_extraction.gt_features:run_entities",
+            config=("features", "eval.retrieval.isda_splits"),
             upstream=lambda cfg: ("download",)
             + (("detector",) if cfg.features.detector.weights is None else ()),
             files=lambda cfg: (cfg.features.detector.weights,),

@@ -68,6 +68,20 @@ def test_base_inheritance_merges_sections(tmp_path):
         load_config(loop)
 
 
+def test_in_domain_config_pretrains_on_coco_and_vg_with_uniters_per_dataset_mix(tmp_path):
+    from pipeline.config import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "configs" / "in_domain.yaml")
+    demo = load_config(DEFAULT_CONFIG)
+    assert cfg.name == "in_domain" and cfg.download == demo.download  # the same data, another pretraining
+    mix = {name: (d.dbs, d.weight) for name, d in cfg.pretrain.train_dbs.items()}
+    assert mix == {"coco": (["coco_train2014", "coco_val2014"], 1.0), "vg": (["vg_train"], 1.0)}
+    assert cfg.pretrain.tasks == {"itm": 2, "mlm": 2, "mrfr": 1, "mrc_kl": 1}
+    keys, demo_keys = _keys(cfg, tmp_path), _keys(demo, tmp_path)
+    assert {name for name in keys if keys[name] != demo_keys[name]} >= {"pretrain"}
+    assert keys["features"] == demo_keys["features"] and keys["txtdb"] == demo_keys["txtdb"]
+
+
 def _keys(cfg, tmp_path):
     from pipeline.cache import StageStore
     from pipeline.dag import plan

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vlp.eval import retrieval
-from vlp.eval.isda import box_iou, isda, isda_summary, phrase_token_positions
+from vlp.eval.isda import box_iou, detected_regions, isda, isda_summary
 from vlp.eval.retrieval import recall_at_k, score_all_pairs, shortlist_rerank
 from vlp.eval.vqa import (
     answer_score,
@@ -21,7 +21,9 @@ from vlp.eval.vqa import (
     vqa_accuracy,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
+# ../shared/fixtures beside the checkout (a git worktree sits one level deeper: the nearest one up).
+FIXTURES = next(p / "shared" / "fixtures" / "formats" for p in Path(__file__).resolve().parents
+                if (p / "shared" / "fixtures").is_dir())
 
 # ---------------------------------------------------------------- retrieval
 
@@ -220,70 +222,82 @@ def test_answer_vocab_and_soft_targets():
 
     humans = ["two", "2", "2", "Dog", "dog", "the dog", "dog", "cat", "yes", "maybe"]
     labels, scores = soft_targets(humans, vocab)
-    # 2 x 3 -> 1, dog x 4 -> 1, yes x 1 -> 1/3; cat and maybe are not in the vocabulary
+    # 2 x 3 -> 0.9, dog x 4 -> 1, yes x 1 -> 0.3 (UNITER / MCAN); cat and maybe are not in the vocabulary
     assert labels == [0, 1, 3]
-    assert scores == pytest.approx([1.0, 1 / 3, 1.0])
-    assert [answer_score(n) for n in range(5)] == pytest.approx([0, 1 / 3, 2 / 3, 1, 1])
+    assert scores == pytest.approx([0.9, 0.3, 1.0])
+    # min(n / 3, 1): 2 x 3 -> 1, yes x 1 -> 1/3
+    assert soft_targets(humans, vocab, "linear") == (labels, pytest.approx([1.0, 1 / 3, 1.0]))
+    assert [answer_score(n) for n in range(6)] == pytest.approx([0, 0.3, 0.6, 0.9, 1, 1])  # UNITER / MCAN
+    assert [answer_score(n, "linear") for n in range(5)] == pytest.approx([0, 1 / 3, 2 / 3, 1, 1])
 
 
 # ---------------------------------------------------------------- ISDa
 
 
-def _isda_example():
-    """Text block [CLS, a, man, horse, SEP] (Lt = 5), regions r0 (man), r1 (horse), r2 (neither).
+def _isda_example(lt: int = 5, n: int = 3) -> torch.Tensor:
+    """One head over [CLS, a, b, c, SEP (, text padding)] + regions [r0, r1, r2 (, padded regions)].
 
-    Only the entries that ISDa reads are set by hand; every row also has other mass (the scale of a
-    row does not matter because rows are renormalized over the annotated positions)."""
-    lt, n = 5, 3
-    attn = torch.full((lt + n, lt + n), 0.01, dtype=torch.float64)
-    man, horse = [1, 2], [3]
-    attn[1, [1, 2, 3]] = torch.tensor([0.2, 0.2, 0.1], dtype=torch.float64)  # -> [0.4, 0.4, 0.2]
-    attn[2, [1, 2, 3]] = torch.tensor([0.1, 0.3, 0.2], dtype=torch.float64)  # -> [1/6, 1/2, 1/3]
-    attn[3, [1, 2, 3]] = torch.tensor([0.1, 0.1, 0.3], dtype=torch.float64)  # -> [0.2, 0.2, 0.6]
-    attn[lt + 0, [lt + 0, lt + 1]] = torch.tensor([0.3, 0.1], dtype=torch.float64)  # -> [3/4, 1/4]
-    attn[lt + 1, [lt + 0, lt + 1]] = torch.tensor([0.2, 0.2], dtype=torch.float64)  # -> [1/2, 1/2]
-    attn[lt + 0, lt + 2] = 0.5  # r2 matches no phrase: its attention is never read
-    attn = attn / attn.sum(-1, keepdim=True)
-    regions = torch.tensor([[0, 0, 10, 8], [20, 20, 40, 30], [0, 0, 10, 4]], dtype=torch.float32)
-    phrase_tokens = [man, horse, [4], []]
-    phrase_boxes = [
-        [[0, 0, 10, 10]],  # IoU with r0 = 80/100, with r2 = 40/100 (below 0.5)
-        [[20, 20, 40, 40]],  # IoU with r1 = 200/400 = 0.5 exactly: matched (>=)
-        [[100, 100, 120, 120]],  # no region matches: left out
-        [],  # a phrase without a box (nobndbox): left out
-    ]
-    return attn, lt, phrase_tokens, phrase_boxes, regions
+    Every real row puts half its mass on each modality, so a renormalized intra-modal block row is twice
+    the row's entries in that block. sigma(S_LL) rows over [CLS, a, b, c, SEP]:
+      a [0.1, 0.3, 0.2, 0.2, 0.2], b [0.2, 0.2, 0.4, 0.1, 0.1], c [0.1, 0.1, 0.2, 0.4, 0.2];
+    sigma(S_VV) rows over [r0, r1, r2]: r0 [0.5, 0.25, 0.25], r1 [0.2, 0.4, 0.4], r2 [0.1, 0.3, 0.6].
+    Padded keys get no mass (as the model gives them)."""
+    attn = torch.zeros(lt + n, lt + n, dtype=torch.float64)
+    text = {0: [0.2] * 5, 1: [0.1, 0.3, 0.2, 0.2, 0.2], 2: [0.2, 0.2, 0.4, 0.1, 0.1],
+            3: [0.1, 0.1, 0.2, 0.4, 0.2], 4: [0.2] * 5}
+    image = {0: [0.5, 0.25, 0.25], 1: [0.2, 0.4, 0.4], 2: [0.1, 0.3, 0.6]}
+    for q, row in text.items():
+        attn[q, :5] = 0.5 * torch.tensor(row, dtype=torch.float64)
+        attn[q, lt : lt + 3] = 0.5 / 3
+    for r, row in image.items():
+        attn[lt + r, :5] = 0.1
+        attn[lt + r, lt : lt + 3] = 0.5 * torch.tensor(row, dtype=torch.float64)
+    return attn
 
 
-def test_isda_hand_case():
-    attn, lt, tokens, boxes, regions = _isda_example()
-    # A_L row "a man" = mean([0.8, 0.2], [2/3, 1/3]) = [11/15, 4/15]; row "horse" = [0.4, 0.6]
-    # A_V = [[3/4, 1/4], [1/2, 1/2]]
-    # row 0: (11/15 - 3/4) ln((11/15)/(3/4)) + (4/15 - 1/4) ln((4/15)/(1/4)) = (1/60) ln(12/11)
-    # row 1: (0.4 - 0.5) ln(0.8) + (0.6 - 0.5) ln(1.2) = 0.1 ln 1.5
-    expected = ((1 / 60) * math.log(12 / 11) + 0.1 * math.log(1.5)) / 2
-    assert isda(attn, lt, tokens, boxes, regions) == pytest.approx(expected, abs=1e-12)
+# Objects: "a" with r0, "b c" with r1 + r2 (an object of two tokens and two regions), "SEP" with no region.
+OBJECTS = [([1], [0]), ([2, 3], [1, 2]), ([4], [])]
+# Cps (Eq. 7), column sum and row average of each patch:
+#   S^(a)_LL = [[0.3, 0.2 + 0.2], [(0.2 + 0.1) / 2, (0.4 + 0.1 + 0.2 + 0.4) / 2]] = [[0.3, 0.4], [0.15, 0.55]]
+#   S^(a)_VV = [[0.5, 0.25 + 0.25], [(0.2 + 0.1) / 2, (0.8 + 0.9) / 2]] = [[0.5, 0.5], [0.15, 0.85]]
+# rows normalized for the KL: L [3/7, 4/7], [3/14, 11/14]; V [1/2, 1/2], [3/20, 17/20]
+#   row 0: (3/7 - 1/2) ln(6/7) + (4/7 - 1/2) ln(8/7) = (1/14) ln(4/3)
+#   row 1: (9/140) ln((3/14) / (3/20)) - (9/140) ln((11/14) / (17/20)) = (9/140) ln(17/11)
+# m-KL (Eq. 8) sums the rows.
+ISDA_BY_HAND = math.log(4 / 3) / 14 + (9 / 140) * math.log(17 / 11)
+
+
+def test_isda_hand_case_from_the_papers_equations():
+    attn = _isda_example()
+    assert isda(attn, 5, 3, OBJECTS) == pytest.approx(ISDA_BY_HAND, abs=1e-12)
     # Heads are averaged: two identical heads give the same value.
-    assert isda(torch.stack([attn, attn]), lt, tokens, boxes, regions) == pytest.approx(expected, abs=1e-12)
-    # A stricter IoU threshold loses the horse: one entity left, no ISDa.
-    assert isda(attn, lt, tokens, boxes, regions, iou_threshold=0.6) is None
+    assert isda(torch.stack([attn, attn]), 5, 3, OBJECTS) == pytest.approx(ISDA_BY_HAND, abs=1e-12)
+    # Padding at the end of either block carries no mass and changes nothing.
+    padded = _isda_example(lt=7, n=4)
+    assert isda(padded, 7, 4, OBJECTS) == pytest.approx(ISDA_BY_HAND, abs=1e-12)
+    # One usable object carries no relation: no ISDa.
+    assert isda(attn, 5, 3, [([1], [0]), ([2], [])]) is None
 
 
-def test_isda_summary_and_helpers():
+def test_isda_summary_and_detected_region_matching():
     assert isda_summary([0.5, None, 1.5]) == {"isda": 1.0, "isda_pairs": 2.0, "isda_skipped": 1.0}
     assert math.isnan(isda_summary([None])["isda"])
     iou = box_iou(
         torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[5.0, 0.0, 15.0, 10.0], [20, 20, 30, 30]])
     )
     assert iou[0].tolist() == pytest.approx([50 / 150, 0.0])
-    # [CLS] a man ##ly horse [SEP]: word 1 ("manly") spans two word pieces
-    assert phrase_token_positions([None, 0, 1, 1, 2, None], first_word=1, n_words=1) == [2, 3]
-    assert phrase_token_positions([None, 0, 1, 1, 2, None], first_word=0, n_words=3) == [1, 2, 3, 4]
+    regions = torch.tensor([[0, 0, 10, 8], [20, 20, 40, 30], [0, 0, 10, 4]], dtype=torch.float64)
+    # IoU with r0 = 80/100, with r2 = 40/100; with r1 = 200/400 = 0.5 exactly: matched (>=)
+    assert detected_regions(regions, [[0, 0, 10, 10], [20, 20, 40, 40]]) == [0, 1]
+    assert detected_regions(regions, [[20, 20, 40, 40]], iou_threshold=0.6) == []
+    assert detected_regions(regions, []) == []
 
 
 def test_isda_bad_input():
-    attn, lt, tokens, boxes, regions = _isda_example()
-    with pytest.raises(ValueError, match=r"phrase 1 token position 5 is outside the text block \[0, 5\)"):
-        isda(attn, lt, [[1], [5]], boxes[:2], regions)
-    with pytest.raises(ValueError, match="2 phrase token lists but 4 box lists"):
-        isda(attn, lt, tokens[:2], boxes, regions)
+    attn = _isda_example()
+    with pytest.raises(ValueError, match=r"object 1 token position 5 is outside the text block \[0, 5\)"):
+        isda(attn, 5, 3, [([1], [0]), ([5], [1])])
+    with pytest.raises(ValueError, match="object 0 region 3 is outside the 3 regions"):
+        isda(attn, 5, 3, [([1], [3]), ([2], [1])])
+    with pytest.raises(ValueError, match="text block 5 \\+ 4 regions exceed attention size 8"):
+        isda(attn, 5, 4, OBJECTS)

@@ -28,7 +28,7 @@ from stages.feature_extraction.detector.torchvision_backend import save_checkpoi
 from stages.finetune import aggregate as finetune_aggregate
 from stages.finetune import stage as finetune_stage
 from stages.finetune.config import FinetuneConfig, finetune_upstream
-from stages.outputs.features import FeaturesOutput
+from stages.outputs.features import EntityFeaturesOutput, FeaturesOutput
 from stages.outputs.finetune import FinetuneOutput
 from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput
@@ -121,7 +121,10 @@ def build_world(root: Path) -> dict[str, Path]:
     keys = list(flickr)
     flickr_split = {k: "train" if i < 12 else "val" if i < 16 else "test" for i, k in enumerate(keys)}
 
-    vqa_rows = []
+    # VQA's test-dev: questions without answers (first in the table; the missing-images test edits the last).
+    vqa_rows = [{"question_id": 9000 + i, "image_key": key, "split": "test-dev2015", "question": "is it red?",
+                 "answers": None, "multiple_choice_answer": None, "answer_type": None}
+                for i, key in enumerate(["coco:11", "coco:12"])]
     for i, (key, objects) in enumerate(vqa_images.items()):
         for q, (shape, colour) in enumerate([(objects[0][0], objects[0][1]), (SHAPES[i % 4], "green")]):
             present = any(o[0] == shape and o[1] == colour for o in objects)
@@ -215,9 +218,12 @@ def build_world(root: Path) -> dict[str, Path]:
     write_table(download / "tables" / "captions.parquet", coco_captions, tables.CAPTIONS)
     karpathy_rows = [{"corpus": "coco", "scheme": "karpathy", "split": s, "image_key": k}
                      for k, s in karpathy.items()]
-    write_table(download / "tables" / "splits.parquet", karpathy_rows, tables.SPLITS)
+    write_table(download / "tables" / "splits.parquet", karpathy_rows + split_rows, tables.SPLITS)
+    write_table(download / "tables" / "entities.parquet", entity_rows, tables.ENTITIES)
     write_table(download / "images" / "coco" / "shard-00000.parquet", image_rows("coco", ref_images, True),
                 tables.IMAGES)
+    write_table(download / "images" / "flickr30k" / "shard-00000.parquet",
+                image_rows("flickr30k", flickr, True), tables.IMAGES)
 
     pretrain = PretrainOutput(root / "pretrain")
     torch.manual_seed(0)
@@ -244,7 +250,8 @@ def configs(root: Path, skip_missing_images: bool = False, **common) -> SimpleNa
         snli_ve={**train, "train_split": "train", "val_split": "dev"},
         refcoco={**train, "train_split": "train", "val_split": "val"},
     )
-    evaluation = EvalConfig(retrieval={"shortlist_k": 2, "chunk": (3, 5), "attention_pairs": 2})
+    evaluation = EvalConfig(retrieval={"shortlist_k": 2, "chunk": (3, 5), "attention_pairs": 2},
+                            splits={"vqa": ["val2014", "test-dev2015"]})
     features = FeatureConfig(detector={**DETECTOR, "weights": str(root / "detector.pt")}, nbb=(NBB,))
     runtime = RuntimeConfig(precision="fp32", skip_missing_images=skip_missing_images)
     return SimpleNamespace(finetune=finetune, eval=evaluation, features=features, runtime=runtime, seed=0)
@@ -276,6 +283,8 @@ def finetuned(world):
     karpathy_txtdb.run(context(cfg, root, "karpathy_txtdb", {"download": inputs["download"],
                                                                "txtdb": inputs["txtdb"]}))
     inputs["karpathy_txtdb"] = root / "out" / "karpathy_txtdb"
+    gt_features.run(context(cfg, root, "gt_features", {"download": inputs["download"]}))
+    inputs["gt_features"] = root / "out" / "gt_features"
     results = {}
     for task in TASK_NAMES:
         needed = {name: inputs[name] for name in finetune_upstream(task)}
@@ -314,11 +323,25 @@ def test_finetune_stages_write_a_checkpoint_per_task_and_initialisation(finetune
     assert sorted(vqa["state_extra"]["ans2label"]) == ["no", "yes"]
     nlvr2 = UniterModel.from_pretrained(root / "out" / "finetune_nlvr2" / "scratch" / "encoder")
     assert nlvr2.config.type_vocab_size == 3
+    # RefCOCO trains on the ground-truth regions (UNITER) and validates on the detected ones.
+    curves = json.loads((root / "out" / "finetune_refcoco" / "pretrained" / "curves.json").read_text())
+    assert all("refcoco_gt_acc" in c and "refcoco_acc" not in c for c in curves if c["split"] == "train")
+    assert all("refcoco_acc" in c for c in curves if c["split"] == "val")
     retrieval = json.loads((root / "out" / "finetune_retrieval" / "variants.json").read_text())
     assert [v["iais"] for v in retrieval] == [True, True, False] * 2
     index = json.loads((root / "out" / "finetune" / "finetune.json").read_text())
     assert sorted(index) == sorted(TASK_NAMES)
     assert aggregate.artifacts == ["finetune.json"]
+
+
+def test_refcoco_can_train_on_the_detected_regions(finetuned, tmp_path):
+    root, inputs, cfg, _, _ = finetuned
+    cfg = configs(root, init="scratch")
+    cfg.finetune.refcoco.train_regions = "detected"
+    needed = {name: inputs[name] for name in finetune_upstream("refcoco")}
+    finetune_stage.run_task(context(cfg, tmp_path, "finetune_refcoco", needed), "refcoco")
+    curves = json.loads((tmp_path / "out" / "finetune_refcoco" / "scratch" / "curves.json").read_text())
+    assert all("refcoco_acc" in c and "refcoco_gt_acc" not in c for c in curves if c["split"] == "train")
 
 
 def test_rank_head_starts_from_the_itm_head_and_scratch_does_not(finetuned):
@@ -335,8 +358,8 @@ def test_rank_head_starts_from_the_itm_head_and_scratch_does_not(finetuned):
 @pytest.fixture(scope="module")
 def evaluated(finetuned):
     root, inputs, cfg, _, _ = finetuned
-    gt_features.run(context(cfg, root, "gt_features", {"download": inputs["download"]}))
-    inputs = inputs | {"gt_features": root / "out" / "gt_features"}
+    gt_features.run_entities(context(cfg, root, "entity_features", {"download": inputs["download"]}))
+    inputs = inputs | {"entity_features": root / "out" / "entity_features"}
     results = {}
     for task in TASK_NAMES:
         needed = {}
@@ -385,10 +408,51 @@ def test_eval_writes_metrics_summary_and_figures(evaluated):
     predictions = json.loads((root / "out" / "eval_vqa" / "pretrained" / "val2014_predictions.json")
                              .read_text())
     assert len(predictions) == 8 and {"question_id", "answer", "score"} <= predictions[0].keys()
+    # test-dev has no answers: no metric, and the evaluation server's results file.
+    assert metrics["vqa"]["pretrained"]["test-dev2015"] == {}
+    results = json.loads((root / "out" / "eval_vqa" / "pretrained" /
+                          "vqa_OpenEnded_mscoco_test-dev2015_pretrained_results.json").read_text())
+    assert [r["question_id"] for r in results] == [9000, 9001]
+    assert all(r.keys() == {"question_id", "answer"} and r["answer"] in ("yes", "no") for r in results)
     # The ground-truth regions of every RefCOCO image (5 train, 3 evaluated), in the features layout.
     gt = FeaturesOutput(root / "out" / "gt_features").img_db()
     assert len(gt) == 8 and all(gt.get(k).features.shape[1] == DIM for k in gt.keys())
     gt.close()
+    # The Entities boxes of the 4 Entities-test images (ISDa's splits), one region per box, boxes.json in
+    # the store's row order; ISDa scored every test sentence (4 images x 2) on those regions.
+    entities = EntityFeaturesOutput(root / "out" / "entity_features")
+    store, boxes = entities.img_db(), entities.boxes()
+    tables_dir = root / "download" / "tables"
+    test_keys = sorted(r["image_key"] for r in pq.read_table(tables_dir / "splits.parquet").to_pylist()
+                       if r["scheme"] == "entities" and r["split"] == "test")
+    assert sorted(store.keys()) == sorted(boxes) == test_keys and len(test_keys) == 4
+    rows = pq.read_table(tables_dir / "entities.parquet").to_pylist()
+    for key in test_keys:
+        # Sentence 0 names every object once (sentence 1 the same ones reversed: no new box).
+        first = [r["boxes"][0] for r in rows if r["image_key"] == key and r["sentence_idx"] == 0]
+        assert boxes[key] == first and len(store.get(key).boxes) == len(first)
+    store.close()
+    assert EntityFeaturesOutput(root / "out" / "entity_features").missing() == []
+
+
+def test_isda_on_detected_regions(evaluated, tmp_path):
+    # eval.retrieval.isda_regions=detected: the features stage's regions at IoU >= 0.5 to an object's boxes
+    # (the world's regions include each object's box exactly), for the zero-shot model only.
+    root, _, _ = evaluated
+    cfg = configs(root)
+    cfg.eval = EvalConfig(retrieval={"isda_regions": "detected", "modes": ["shortlist"], "shortlist_k": 1,
+                                     "attention_pairs": 0}, splits={"retrieval": ["test"]})
+    out = root / "out"
+    inputs = {"finetune_retrieval": out / "finetune_retrieval", "pretrain": root / "pretrain",
+              "features": root / "features", "txtdb": root / "txtdb",
+              "karpathy_txtdb": out / "karpathy_txtdb", "dedup": root / "dedup",
+              "entity_features": out / "entity_features"}
+    assert sorted(inputs) == sorted(eval_upstream("retrieval"))
+    result = eval_stage.run_task(context(cfg, tmp_path, "eval_retrieval", inputs), "retrieval")
+    annotated = json.loads((root / "out" / "eval_retrieval" / "metrics.json").read_text())
+    for name in ("flickr30k/zero_shot", "flickr30k/pretrained"):
+        assert result.metrics[f"{name}/isda/isda_pairs"] == 8
+        assert result.metrics[f"{name}/isda/isda"] != annotated[name]["isda"]["isda"]  # other regions
 
 
 def test_karpathy_txtdb_writes_the_coco_karpathy_splits_with_the_txtdb_tokenizer(finetuned):

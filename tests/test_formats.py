@@ -12,6 +12,7 @@ import pickle
 import shutil
 import struct
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,8 +25,12 @@ from stages.download.config import DatasetSource
 from stages.download.formats import PARSERS, FormatError, ImageRef, Parsed, parse_dataset
 from vlp.data import tables
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+# ../shared/fixtures beside the checkout (a git worktree sits one level deeper: the nearest one up).
+FIXTURES = next(p / "shared" / "fixtures" for p in Path(__file__).resolve().parents
+                if (p / "shared" / "fixtures").is_dir())
 F = FIXTURES / "formats"
+# Hand-written samples of the real files the shared samples lack (tests/fixtures/formats/NOTES.md).
+OWN = Path(__file__).resolve().parent / "fixtures" / "formats"
 ENTITY_LISTS = {
     f"entities_{split}": FIXTURES / "flickr30k_entities" / f"{split}.txt"
     for split in ("train", "val", "test")
@@ -322,6 +327,25 @@ def test_coco_original_2014_release_with_a_bare_url(tmp_path):
     )
 
 
+def test_coco_image_info_test_file_without_annotations_and_captions_whitespace(tmp_path):
+    data = read_json(F / "coco" / "captions_train2014.json")
+    data["annotations"][0]["caption"] = "  A man  riding a\twave on\n top of a surfboard.  "
+    files = {
+        "captions_train2014": write_json(tmp_path / "captions_train2014.json", data),
+        "image_info_test2015": OWN / "coco" / "image_info_test2015.json",
+        "karpathy": coco_karpathy(tmp_path, {57870: "train"}),
+    }
+    assert "annotations" not in read_json(files["image_info_test2015"])
+    parsed = parse_dataset("coco", files, SOURCE)
+    assert [(ref.key, ref.split) for ref in parsed.images][-2:] == [
+        ("coco:600500", "test2015"), ("coco:600501", "test2015")]
+    assert image(parsed, "coco:600500") == ImageRef(
+        "coco", "coco:600500", "http://mscoco.org/images/600500", "test2015", coco_id=600500)
+    assert parsed.captions[0]["caption"] == "A man riding a wave on top of a surfboard."
+    assert {r["image_key"] for r in parsed.captions} == {"coco:57870", "coco:600421"}
+    assert parsed.objects == []
+
+
 # ---------------------------------------------------------------------------------------- visual genome
 
 
@@ -616,6 +640,23 @@ def test_vqa_questions_joined_with_their_ten_answers():
     assert (rows[3]["answer_type"], rows[3]["answers"][8]) == ("yes/no", "no")
 
 
+def test_vqa_test_dev_questions_without_annotations():
+    files = {**VQA_FILES,
+             "questions_test-dev2015": OWN / "vqa_v2" / "v2_OpenEnded_mscoco_test-dev2015_questions.json"}
+    rows = parse_dataset("vqa", files, SOURCE).tasks["vqa"]
+    test_dev = [r for r in rows if r["split"] == "test-dev2015"]
+    assert [r["question_id"] for r in test_dev] == [600500000, 600500001, 600501000]
+    assert test_dev[2] == {"question_id": 600501000, "image_key": "coco:600501", "split": "test-dev2015",
+                           "question": "How many people are there?", "answers": None,
+                           "multiple_choice_answer": None, "answer_type": None}
+    assert len(rows) == 4 + 3
+    assert pa.Table.from_pylist(rows, schema=tables.TASK_VQA).num_rows == 7  # the rows fit the table schema
+    # Only the test splits are published without annotations.
+    val = {"questions_val2014": files["questions_test-dev2015"]}
+    with pytest.raises(FormatError, match="missing required file role 'annotations_val2014'"):
+        parse_dataset("vqa", val, SOURCE)
+
+
 def test_snli_ve_reads_all_image_key_spellings(tmp_path):
     rows = parse_dataset("snli_ve", snli_ve_files(tmp_path), SOURCE).tasks["snli_ve"]
     assert [(r["split"], r["image_key"], r["label"]) for r in rows] == [
@@ -638,6 +679,20 @@ def test_snli_ve_reads_all_image_key_spellings(tmp_path):
     }
 
 
+def test_snli_ve_drops_no_consensus_pairs_and_counts_them(tmp_path):
+    # SNLI's own files keep the pairs whose annotators had no majority, as gold_label "-" (SNLI 1.0 README).
+    first, second = read_json_lines(F / "snli_ve" / "snli_ve_train.jsonl")
+    split_vote = {**first, "pairID": "4705552913.jpg#2r1c", "gold_label": "-",
+                  "annotator_labels": ["contradiction", "neutral", "entailment", "neutral", "contradiction"]}
+    files = {**snli_ve_files(tmp_path),
+             "train": write_json_lines(tmp_path / "snli_ve_train.jsonl", [first, split_vote, second])}
+    parsed = parse_dataset("snli_ve", files, SOURCE)
+    train = [r["pair_id"] for r in parsed.tasks["snli_ve"] if r["split"] == "train"]
+    assert train == ["4705552913.jpg#2r1n", "2677109430.jpg#1r1n"]
+    assert parsed.dropped == {"gold_label_no_consensus": 1}
+    assert parse_dataset("snli_ve", snli_ve_files(tmp_path), SOURCE).dropped == {}
+
+
 def py2_pickle(value) -> bytes:
     """What Python 2 cPickle (protocol 2) writes for plain data: ``str`` values are raw bytes."""
     out = bytearray(b"\x80\x02")
@@ -651,6 +706,11 @@ def py2_pickle(value) -> bytes:
             out.extend(b"J" + struct.pack("<i", item))  # BININT
         elif isinstance(item, float):
             out.extend(b"G" + struct.pack(">d", item))  # BINFLOAT
+        elif isinstance(item, OrderedDict):
+            # Python 2.7's OrderedDict.__reduce__: (OrderedDict, ([[key, value], ...],))
+            out.extend(b"ccollections\nOrderedDict\n(")  # GLOBAL MARK
+            put([[key, element] for key, element in item.items()])
+            out.extend(b"tR")  # TUPLE REDUCE
         elif isinstance(item, list):
             out.extend(b"](")  # EMPTY_LIST MARK
             for element in item:
@@ -693,6 +753,20 @@ def test_refcoco_refs_joined_with_instance_boxes(tmp_path):
     rows_py2 = parse_dataset("refcoco", {**REFCOCO_FILES, "refs": py2}, SOURCE).tasks["refcoco"]
     assert rows_py2[1]["sentences"] == ["man on left, café", "guy in orange vest!"]
     assert rows_py2[0] == rows[0]
+
+
+def test_refcoco_pickle_of_ordered_dicts(tmp_path):
+    # Refs re-saved by order-keeping tools: the refs and their sentences are collections.OrderedDict,
+    # written by Python 3 (protocol 2) or by Python 2's cPickle (GLOBAL + REDUCE of [[key, value], ...]).
+    refs = read_json(F / "refcoco" / "refs(unc).json")
+    ordered = [OrderedDict((k, [OrderedDict(s) for s in v] if k == "sentences" else v)
+                           for k, v in ref.items()) for ref in refs]
+    expected = parse_dataset("refcoco", REFCOCO_FILES, SOURCE).tasks["refcoco"]
+    for name, data in (("py3.p", pickle.dumps(ordered, protocol=2)), ("py2.p", py2_pickle(ordered))):
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert b"collections" in data and b"OrderedDict" in data
+        assert parse_dataset("refcoco", {**REFCOCO_FILES, "refs": path}, SOURCE).tasks["refcoco"] == expected
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -1057,9 +1131,9 @@ def bad_snli_ve_image_id(tmp):
     )
 
 
-def bad_snli_ve_dash_label(tmp):
+def bad_snli_ve_unknown_label(tmp):
     def edit(records):
-        records[0]["gold_label"] = "-"
+        records[0]["gold_label"] = "contradictory"
 
     files = {**snli_ve_files(tmp), "train": _edit_lines(tmp, F / "snli_ve" / "snli_ve_train.jsonl", edit)}
     return (
@@ -1068,7 +1142,7 @@ def bad_snli_ve_dash_label(tmp):
         (
             "{train}: record 0 (pair 4705552913.jpg#2r1n): field 'gold_label': expected one of entailment,"
             " neutral,"
-            " contradiction, got '-'"
+            " contradiction, got 'contradictory'"
         ),
     )
 
@@ -1096,7 +1170,8 @@ def bad_refcoco_pickle_with_code(tmp):
     return (
         "refcoco",
         {**REFCOCO_FILES, "refs": path},
-        "{refs}: invalid pickle: refusing to load pathlib.PosixPath: only plain data is allowed",
+        ("{refs}: invalid pickle: refusing to load pathlib.PosixPath: only plain data and"
+         " collections.OrderedDict are allowed"),
     )
 
 

@@ -92,6 +92,74 @@ def test_heads_are_averaged_after_renormalizing_each_block():
     assert out["iais_loss"].item() == pytest.approx(SINGULAR_TEXT + SINGULAR_IMAGE, abs=1e-9)
 
 
+# Two heads, sequence [w0, w1, v0, v1]: every row puts half its mass on each modality, so a renormalized
+# block is twice the row's entries there. Both heads: S_LL = [[2/3, 1/3], [1/4, 3/4]] and
+# S_LV = [[1/4, 3/4], [2/3, 1/3]] (w0 -> v1, w1 -> v0). S_VV differs: head A [[3/4, 1/4], [1/4, 3/4]],
+# head B [[1/4, 3/4], [1/4, 3/4]]; heads averaged [[1/2, 1/2], [1/4, 3/4]].
+TWO_HEADS = [
+    [[1 / 3, 1 / 6, 1 / 8, 3 / 8], [1 / 8, 3 / 8, 1 / 3, 1 / 6], [1 / 4, 1 / 4, 3 / 8, 1 / 8],
+     [1 / 4, 1 / 4, 1 / 8, 3 / 8]],
+    [[1 / 3, 1 / 6, 1 / 8, 3 / 8], [1 / 8, 3 / 8, 1 / 3, 1 / 6], [1 / 4, 1 / 4, 1 / 8, 3 / 8],
+     [1 / 4, 1 / 4, 1 / 8, 3 / 8]],
+]
+
+
+def _kl2(p: list[float], q: list[float]) -> float:
+    """KL(p || q) + KL(q || p) of two distributions."""
+    return sum((a - b) * math.log(a / b) for a, b in zip(p, q, strict=True))
+
+
+def test_singular_mirror_on_two_heads_paper_scores_and_official_probabilities():
+    attn = torch.tensor(TWO_HEADS, dtype=torch.float64)[None]
+    # Paper (sigma over gathered scores): per head, row i is softmax_j s[m(i), m(j)] = the gathered row of
+    # that head renormalized; m = (v1, v0) reads whole rows of S_VV, so the mirror is the heads' mean of
+    # [[S_VV11, S_VV10], [S_VV01, S_VV00]] = [[3/4, 1/4], [1/2, 1/2]].
+    paper = (_kl2([2 / 3, 1 / 3], [3 / 4, 1 / 4]) + _kl2([1 / 4, 3 / 4], [1 / 2, 1 / 2])) / 2
+    assert paper == pytest.approx((math.log(3 / 2) / 12 + math.log(3) / 4) / 2)
+    # Official code (softmax over the gathered head-averaged probabilities): row 0 softmax([3/4, 1/4]) =
+    # [sigmoid(1/2), sigmoid(-1/2)], row 1 softmax([1/2, 1/2]) = [1/2, 1/2].
+    sig = 1 / (1 + math.exp(-0.5))
+    official = (_kl2([2 / 3, 1 / 3], [sig, 1 - sig]) + _kl2([1 / 4, 3 / 4], [1 / 2, 1 / 2])) / 2
+    for mirror, expected in (("scores", paper), ("probabilities", official)):
+        loss = IAISLoss(IAISConfig(anchors=("text",), drop_cls_sep=False, singular_mirror=mirror))
+        assert loss(attn, *_all_real())["iais_loss"].item() == pytest.approx(expected, abs=1e-12)
+    assert IAISConfig().singular_mirror == "scores"
+
+
+def test_singular_scores_mirror_renormalizes_each_head_before_averaging():
+    # 2 words, 3 regions: w0 -> v2, w1 -> v0 reads only two of each S_VV row's three entries, so renormalizing
+    # per head (paper) differs from renormalizing the heads' average. Rows: half the mass per modality.
+    vv = {"A": [[0.2, 0.2, 0.6], [0.3, 0.3, 0.4], [0.1, 0.3, 0.6]],
+          "B": [[0.6, 0.2, 0.2], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]]}
+    heads = []
+    for h in ("A", "B"):
+        rows = [[1 / 3, 1 / 6, 0.05, 0.05, 0.4], [1 / 8, 3 / 8, 0.3, 0.1, 0.1]]  # S_LV: w0 -> v2, w1 -> v0
+        rows += [[0.25, 0.25, *(0.5 * x for x in vv[h][r])] for r in range(3)]
+        heads.append(rows)
+    attn = torch.tensor(heads, dtype=torch.float64)[None]
+    masks = (torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool),
+             torch.ones(1, dtype=torch.bool))
+    # Gathered rows [S_VV[m(i), v2], S_VV[m(i), v0]]: i=0 (v2): A [0.6, 0.1] -> [6/7, 1/7], B [0.1, 0.5] ->
+    # [1/6, 5/6], mean [43/84, 41/84]; i=1 (v0): A [0.6, 0.2] -> [3/4, 1/4], B [0.2, 0.6] -> [1/4, 3/4],
+    # mean [1/2, 1/2]. (Renormalizing the heads' average [0.35, 0.3] instead would give [7/13, 6/13].)
+    expected = (_kl2([2 / 3, 1 / 3], [43 / 84, 41 / 84]) + _kl2([1 / 4, 3 / 4], [1 / 2, 1 / 2])) / 2
+    averaged_first = (_kl2([2 / 3, 1 / 3], [7 / 13, 6 / 13]) + _kl2([1 / 4, 3 / 4], [1 / 2, 1 / 2])) / 2
+    assert expected != pytest.approx(averaged_first)
+    loss = IAISLoss(IAISConfig(anchors=("text",), drop_cls_sep=False))
+    assert loss(attn, *masks)["iais_loss"].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_positives_mean_or_sum():
+    # Two positive pairs with the hand example: the mean is one pair's distance, the sum (official code) two.
+    attn = torch.tensor(ATTN, dtype=torch.float64)[None, None].expand(2, 1, 4, 4)
+    masks = (torch.ones(2, 2, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool),
+             torch.ones(2, dtype=torch.bool))
+    for positives, factor in (("mean", 1), ("sum", 2)):
+        out = IAISLoss(IAISConfig(drop_cls_sep=False, positives=positives))(attn, *masks)
+        assert out["iais_loss"].item() == pytest.approx(factor * (SINGULAR_TEXT + SINGULAR_IMAGE), abs=1e-9)
+        assert out["iais_kl_text"].item() == pytest.approx(SINGULAR_TEXT, abs=1e-9)  # logged as a mean
+
+
 def _embed_padded(garbage: torch.Generator):
     """The hand example inside a padded batch: text [CLS, w0, w1, SEP, pad], regions [v0, v1, pad],
     plus a second, negative pair. The extra keys get arbitrary mass; rows are renormalized to 1."""

@@ -132,6 +132,25 @@ def test_masked_regions_have_their_features_zeroed():
     assert torch.equal(batch["img_feat"], original)
 
 
+def test_masked_regions_get_the_learned_mask_vector_with_img_mask_embedding():
+    # The official code's option: a masked region's feature is zeros + row 1 of a learned table (row 0 zero).
+    model = small_model(img_mask_embedding=True)
+    table = model.img_embeddings.mask_embedding.weight
+    assert table.shape == (2, model.config.img_dim) and table[0].abs().sum() == 0 and table[1].abs().sum() > 0
+    batch = make_batch([5, 3], [4, 6])
+    img_masked = torch.zeros(2, 6, dtype=torch.bool)
+    img_masked[0, 1] = img_masked[1, 4] = True
+    masked = model(**batch, img_masked=img_masked).sequence_output
+    replaced = batch["img_feat"].clone()
+    replaced[img_masked] = table[1].detach()
+    expected = model(**dict(batch, img_feat=replaced)).sequence_output
+    torch.testing.assert_close(masked, expected, atol=1e-6, rtol=0)
+    masked.sum().backward()
+    assert table.grad[1].abs().sum() > 0 and table.grad[0].abs().sum() == 0
+    # Unmasked inputs never see it; the default model has no such table.
+    assert small_model().img_embeddings.mask_embedding is None
+
+
 def test_default_type_ids_are_text_0_and_image_1():
     model = small_model()
     batch = make_batch([5, 3], [4, 6])

@@ -110,6 +110,9 @@ def test_mrc_kl_loss_hand_case():
     # KL row 0 = 2 * 0.5 * log(0.5 / (1/3)) = log 1.5; row 1 = 1 * log(1 / 0.25) = log 4
     assert out["mrc_kl_loss"].item() == pytest.approx((math.log(1.5) + math.log(4.0)) / 2, abs=1e-6)
     assert (out["mrc_kl_correct"].item(), out["mrc_kl_count"].item()) == (1, 2)
+    # The official code's mean over regions x classes: the same / (C+1) = / 3.
+    element = mrc_kl_loss(logits, soft, "element")["mrc_kl_loss"].item()
+    assert element == pytest.approx((math.log(1.5) + math.log(4.0)) / 2 / 3, abs=1e-6)
 
 
 def test_itm_and_wra_loss_hand_case():
@@ -126,6 +129,8 @@ def test_word_positions_drop_cls_sep_and_padding():
     txt_mask = torch.tensor([[True, True, True, True, False], [True, True, True, True, True]])
     expected = torch.tensor([[False, True, True, False, False], [False, True, True, True, False]])
     assert torch.equal(word_positions(txt_mask), expected)
+    # The official code aligns every real text token, [CLS] and [SEP] included.
+    assert torch.equal(word_positions(txt_mask, cls_sep=True), txt_mask)
 
 
 # ---------------------------------------------------------------- masking
@@ -282,6 +287,10 @@ def test_region_classifiers_match_a_plain_computation(cls):
     else:
         expected = (soft * (soft.log() - log_probs)).sum(-1).mean()
         name = "mrc_kl"
+        element = cls(model, label_dim=LABEL_DIM, kl_norm="element")
+        element.head.load_state_dict(objective.head.state_dict())
+        by_element = element(model, batch)["mrc_kl_loss"].item()
+        assert by_element == pytest.approx(expected.item() / LABEL_DIM, rel=1e-5)
     assert out[f"{name}_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert out[f"{name}_count"].item() == masked.sum().item()
 

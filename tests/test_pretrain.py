@@ -24,7 +24,7 @@ from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput
 from stages.pretrain import checkpointing
 from stages.pretrain.config import PretrainConfig
-from stages.pretrain.data import PretrainInputs, build_corpus
+from stages.pretrain.data import PretrainInputs, build_corpus, stream_examples, streams
 from stages.pretrain.stage import RUN_NAME, build_trainer, fit, preflight
 from stages.pretrain.stage import run as run_pretrain
 from vlp.data.batching import UnitBatchSampler
@@ -34,7 +34,7 @@ from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wor
 from vlp.data.txt_db import TxtDbWriter
 from vlp.model import UniterModel
 from vlp.train.checkpoints import load_pretrained
-from vlp.train.prepared import NumberedBatches, PreparedBatches
+from vlp.train.prepared import ItmPairs, NumberedBatches, PreparedBatches
 from vlp.train.pretrain_model import (
     build_model,
     encoder_config,
@@ -212,12 +212,14 @@ def reference_gradients(cfg: PretrainConfig, corpus, saved: dict, task: str) -> 
     model = build_model(ucfg, objective_options(cfg, corpus.meta, corpus.label_dim))
     model.load_state_dict(saved["state"])
     objective = model.objectives[task]
+    (stream,) = [s for s in streams(cfg.tasks, corpus.weights) if s.name == task]
+    examples, bound, epoch_img_lens = stream_examples(stream, corpus, cfg, SEED)  # ITM: corpus negatives
     batches = []
     for rank in range(cfg.num_workers):
-        sampler = UnitBatchSampler(corpus.train.txt_lens, corpus.train.img_lens, cfg.batch_units,
-                                   seed=seed_of(SEED, "batches", task), rank=rank,
-                                   world_size=cfg.num_workers)
-        data = PreparedBatches(corpus.train, objective.prepare, SEED, f"train/{task}", 0)
+        sampler = UnitBatchSampler(examples.txt_lens, bound, cfg.batch_units,
+                                   seed=seed_of(SEED, "batches", task), rank=rank, world_size=cfg.num_workers,
+                                   epoch_img_lens=epoch_img_lens)
+        data = PreparedBatches(examples, objective.prepare, SEED, f"train/{task}", 0)
         items = iter(NumberedBatches(sampler))
         batches += [data[next(items)] for _ in range(cfg.grad_accum)]
     counts = [target_count(objective, b) for b in batches]
@@ -341,6 +343,28 @@ def test_corpus_keeps_evaluation_images_out_of_training(store):
     val_images = {k for part in corpus.val.datasets for k in part.img_keys}
     assert not val_images & set(corpus.train.img_keys)
     assert (corpus.img_dim, corpus.label_dim) == (DIM, len(SHAPES) + 1)
+
+
+def test_named_datasets_give_one_stream_per_task_and_dataset(store):
+    # UNITER's per-dataset mix: two datasets, the second weighted 3x; each is its own part of the corpus.
+    cfg = loop_config(train_dbs={"a": {"dbs": ["toy_train"]},
+                                 "b": {"dbs": ["toy_val", "toy_test"], "weight": 3}})
+    corpus = preflight(cfg, SEED, store)
+    assert corpus.weights == {"a": 1.0, "b": 3.0}
+    assert set(corpus.parts["a"].img_keys) | set(corpus.parts["b"].img_keys) == set(corpus.train.img_keys)
+    assert (len(corpus.parts["a"]), len(corpus.parts["b"])) == (84, 36)  # 42 and 9 + 9 images, 2 captions
+    assert {s.name: s.ratio for s in streams(cfg.tasks, corpus.weights)} == {
+        "itm/a": 2.0, "itm/b": 6.0, "mlm/a": 2.0, "mlm/b": 6.0, "mrc_kl/a": 1.0, "mrc_kl/b": 3.0,
+        "mrfr/a": 1.0, "mrfr/b": 3.0}
+    # ITM's batches: corpus negatives (default) pair captions anew each epoch; in-batch donors read the part.
+    itm_a = next(s for s in streams(cfg.tasks, corpus.weights) if s.name == "itm/a")
+    examples, bound, per_epoch = stream_examples(itm_a, corpus, cfg, SEED)
+    assert isinstance(examples, ItmPairs) and examples.dataset is corpus.parts["a"] and per_epoch is not None
+    batch_cfg = cfg.model_copy(update={"itm_negatives": "batch"})
+    examples, bound, per_epoch = stream_examples(itm_a, corpus, batch_cfg, SEED)
+    assert examples is corpus.parts["a"] and bound is examples.img_lens and per_epoch is None
+    with pytest.raises(ValueError, match="train_dbs lists a text db twice"):
+        loop_config(train_dbs={"a": {"dbs": ["toy_train"]}, "b": {"dbs": ["toy_train"]}})
 
 
 @pytest.mark.slow

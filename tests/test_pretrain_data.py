@@ -6,12 +6,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from stages.pretrain.data import streams
 from vlp.data.batching import UnitBatchSampler, pack_by_units
 from vlp.data.collate import collate, padded_units, padding_fraction, padding_fraction_of_lengths
 from vlp.data.img_db import ImgDb, ImgDbWriter
 from vlp.data.pretrain_dataset import ImageTextIndex, PretrainDataError, PretrainDataset
 from vlp.data.task_sampler import TaskSampler
 from vlp.data.txt_db import TxtDb, TxtDbWriter
+from vlp.objectives.itm import corpus_negatives
+from vlp.train.prepared import ItmPairs, PreparedBatches
 
 META = {"CLS": 2, "SEP": 3, "MASK": 4, "UNK": 1, "PAD": 0, "v_range": [5, 60]}
 DIM, CLASSES = 8, 5
@@ -355,3 +358,70 @@ def test_bad_task_ratios_are_rejected():
         TaskSampler({"mlm": 1, "itm": -1})
     with pytest.raises(ValueError, match="select no task"):
         TaskSampler({"mlm": 0})
+
+
+# -- ITM negatives from the corpus, per-dataset streams ----------------------------------------------------
+def test_corpus_negatives_come_from_the_examples_pool_and_never_the_own_image():
+    own = np.array([0, 0, 1, 2, 3, 3, 4])
+    pool = np.array([0, 0, 0, 0, 1, 1, 2])  # pool 0: images 0, 1, 2; pool 1: image 3 only; pool 2: image 4
+    partner, targets = corpus_negatives(own, pool, 1.0, np.random.default_rng(0))
+    assert targets.tolist() == [0, 0, 0, 0, 1, 1, 1]  # a pool of one image has no negative
+    assert all(p in (0, 1, 2) and p != o for p, o in zip(partner[:4], own[:4], strict=True))
+    assert partner[4:].tolist() == [3, 3, 4]
+    # neg_prob of the examples become negatives, their images uniform over the pool's other images.
+    own, pool = np.zeros(30_000, np.int64), np.zeros(30_000, np.int64)
+    own[:3] = [1, 2, 3]
+    partner, targets = corpus_negatives(own, pool, 0.5, np.random.default_rng(1))
+    assert abs(1 - targets.mean() - 0.5) < 0.01
+    counts = Counter(partner[3:][targets[3:] == 0].tolist())
+    assert set(counts) == {1, 2, 3} and max(counts.values()) / min(counts.values()) < 1.1
+
+
+def test_itm_pairs_draw_other_images_of_the_text_db_outside_the_batch_anew_each_epoch(stores):
+    ds = PretrainDataset(stores[:2], stores[2])  # c1 coco:1, c2 coco:2, c4 coco:1 (db a); s1 vg:3 (db b)
+    pairs = ItmPairs(ds, neg_prob=1.0, seed=0)
+    assert pairs.img_lens.tolist() == [5, 5, 5, 2]  # the most regions in the caption's text db
+    assert pairs.epoch_img_lens(0).tolist() == [5, 3, 5, 2]  # c1 -> coco:2, c2 -> coco:1, c4 -> coco:2
+    example = pairs.example(0, 0)
+    assert (example["txt_id"], example["img_key"], example["itm_target"]) == ("c1", "coco:2", 0)
+    assert example["img_feat"].shape == (5, DIM) and example["soft_labels"].shape == (5, CLASSES)
+    assert pairs.example(0, 3)["itm_target"] == 1  # vg:3 is db b's only image
+    # A batch of one caption gets a negative (in-batch donors cannot give one); ITM.prepare keeps it.
+    prepared = PreparedBatches(pairs, lambda batch, generator: batch, 0, "train/itm", 0)[(0, 0, [0])]
+    assert prepared["img_keys"] == ["coco:2"] and prepared["itm_targets"].tolist() == [0]
+    # Redrawn every epoch (a pure function of the seed and the epoch).
+    half = ItmPairs(ds, neg_prob=0.5, seed=5)
+    assert half.draw(0)[1].tolist() != half.draw(1)[1].tolist()
+    assert ItmPairs(ds, neg_prob=0.5, seed=5).draw(1)[1].tolist() == half.draw(1)[1].tolist()
+
+
+def test_batches_are_packed_with_each_epochs_region_counts():
+    txt, bound = np.full(40, 4), np.full(40, 10)
+    rng = np.random.default_rng(0)
+    lens = {e: rng.integers(1, 11, 40) for e in range(3)}
+    sampler = UnitBatchSampler(txt, bound, 40, epoch_img_lens=lens.__getitem__, infinite=False)
+    for epoch in range(3):
+        batches = sampler.epoch_batches(epoch)
+        assert sorted(i for b in batches for i in b) == list(range(40))
+        assert all(padded_units(txt[b], lens[epoch][b]) <= 40 for b in batches)
+    # 40 units would hold at most 2 examples at the bound (4 + 10 regions); the epoch's counts pack more.
+    assert max(len(b) for b in sampler.epoch_batches(0)) > 2
+    over = UnitBatchSampler(txt, np.full(40, 3), 40, epoch_img_lens=lens.__getitem__)
+    with pytest.raises(ValueError, match="epoch 0: epoch_img_lens must be bounded by img_lens"):
+        over.epoch_batches(0)
+
+
+def test_streams_mix_tasks_by_dataset_weights_as_uniters_configs():
+    tasks = {"itm": 3, "mlm": 4, "mrfr": 2, "mrc_kl": 2}
+    mix = {s.name: s.ratio for s in streams(tasks, {"coco": 2, "vg": 3, "cc": 3, "sbu": 2})}
+    # UNITER's pretrain-alldata-base-8gpu.json mix_ratio per dataset, tasks itm, mlm, mrfr, mrckl.
+    official = {"coco": (6, 8, 4, 4), "vg": (9, 12, 6, 6), "cc": (9, 12, 6, 6), "sbu": (6, 8, 4, 4)}
+    assert mix == {f"{task}/{d}": r for d, rs in official.items() for task, r in zip(tasks, rs, strict=True)}
+    in_domain = streams({"itm": 2, "mlm": 2, "mrfr": 1, "mrc_kl": 1}, {"coco": 1, "vg": 1})
+    sampler = TaskSampler({s.name: s.ratio for s in in_domain}, seed=0)
+    # 12 parts: each dataset 6 (as UNITER's in-domain config: coco and vg drawn equally, whatever their sizes)
+    assert sampler.probabilities == pytest.approx({
+        "itm/coco": 2 / 12, "itm/vg": 2 / 12, "mlm/coco": 2 / 12, "mlm/vg": 2 / 12, "mrc_kl/coco": 1 / 12,
+        "mrc_kl/vg": 1 / 12, "mrfr/coco": 1 / 12, "mrfr/vg": 1 / 12})
+    # One corpus: the streams are the tasks themselves (names, ratios and seeds as before).
+    assert [(s.name, s.ratio) for s in streams(tasks, {"": 1.0})] == sorted(tasks.items())

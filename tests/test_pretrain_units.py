@@ -15,7 +15,7 @@ from vlp.objectives.masking import IGNORE_INDEX
 from vlp.train.metrics import MetricSums
 from vlp.train.optim import build_optimizer, lr_factor, no_decay_parameter_names, parameter_groups
 from vlp.train.prepared import NumberedBatches, PreparedBatches
-from vlp.train.pretrain_model import build_model, objective_options, target_count
+from vlp.train.pretrain_model import build_model, encoder_config, objective_options, target_count
 from vlp.train.seeds import seed_of
 
 META = {"CLS": 2, "SEP": 3, "MASK": 4, "UNK": 1, "PAD": 0, "v_range": [5, 40], "vocab_size": 40}
@@ -187,3 +187,14 @@ def test_a_pretraining_still_at_chance_is_called_so():
     assert alignment_verdict({"itm_acc": 0.8, "zs_ir_r1": 0.05}, 30)["alignment"] == "at_chance"  # R@1 < 2x
     assert alignment_verdict({"itm_acc": 0.8, "zs_ir_r1": 0.25}, 30)["alignment"] == "learned"
     assert alignment_verdict({"mlm_acc": 0.6}, 30)["alignment"] == "unknown"
+
+
+def test_fidelity_options_reach_the_objectives_and_the_encoder():
+    # Defaults follow the UNITER paper; each official-code choice is one config value away.
+    cfg, model = tiny_model()
+    assert (model.objectives["mrc_kl"].kl_norm, model.objectives["itm"].wra_cls_sep) == ("region", False)
+    assert encoder_config(cfg.model, 40, 6).img_mask_embedding is False
+    official = PretrainConfig(mrc_kl_norm="element", wra_cls_sep=True, model={"masked_region": "learned"})
+    options = objective_options(official, META, label_dim=4)
+    assert options["mrc_kl"]["kl_norm"] == "element" and options["itm"]["wra_cls_sep"] is True
+    assert encoder_config(official.model, 40, 6).img_mask_embedding is True

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from stages.finetune.config import RetrievalConfig
 from vlp.data.img_db import ImgDb, ImgDbWriter
 from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wordpiece
 from vlp.data.txt_db import TxtDb, TxtDbWriter
+from vlp.eval.isda import isda
 from vlp.eval.retrieval import recall_at_k, score_all_pairs, shortlist_rerank
 from vlp.model import UniterConfig, UniterModel
 from vlp.objectives.itm import ITM
@@ -17,13 +19,17 @@ from vlp.tasks.retrieval import (
     Retrieval,
     RetrievalDataError,
     RetrievalDataset,
+    annotated_regions,
+    detected_regions_by_iou,
     entity_inputs,
+    entity_objects,
     hardest,
     hinge,
     pair_batch,
     sentence_isda,
     unimodal_similarity,
 )
+from vlp.train.evaluate import batch_sampler
 
 DIM = 16
 NBB = (0.2, 100, 2)
@@ -115,6 +121,63 @@ def test_training_loss_uses_the_hardest_sampled_negatives_of_both_sides(store):
         assert all(data.pairs.img_keys[j] != own for j in example["neg_texts"])
 
 
+def test_separate_sides_anchor_the_image_side_on_its_own_positives_and_count_the_recipe(store):
+    # The official recipe's shape at toy size: 6 candidates per positive and side, the 3 hardest kept, an
+    # independent positive for the image side, 2 positives per step.
+    txt_db, img_db, tok = store
+    data = RetrievalDataset([txt_db], img_db, neg_samples=6, seed=4, sides="separate")
+    model = tiny_model(len(tok.get_vocab()))
+    task = Retrieval(model.config, margin=0.2, hard_negatives=3, sides="separate",
+                     iais={"schedule": "constant"})
+    examples = [data[i] for i in range(2)]
+    batch = data.collate(examples)
+    assert [ex["image_side"] for ex in examples] != [0, 1]  # drawn, not the text side's own
+    assert batch["neg_input_ids"].shape[0] == batch["neg_img_feat"].shape[0] == 2 * 6
+    scored = []
+    score = task.score
+    task.score = lambda m, pairs, attn_layer=None: (scored.append(len(pairs["input_ids"])),
+                                                   score(m, pairs, attn_layer))[1]
+    out = task(model, batch)
+    # Mining scores every candidate of both sides (2 x 6 each); training scores 2 positives + 2 x 3 hard
+    # images, 2 image-side positives + 2 x 3 hard texts.
+    assert scored == [12, 12, 2 + 6 + 2 + 6]
+    task.score = score
+
+    def scores(text_rows, texts, image_rows, images):
+        pairs = pair_batch(texts, images, torch.tensor(text_rows), torch.tensor(image_rows))
+        with torch.no_grad():
+            return task.score(model, pairs)[0].sigmoid()
+
+    side = {k[5:]: v for k, v in batch.items() if k.startswith("side_")}
+    negs = {k[4:]: v for k, v in batch.items() if k.startswith("neg_") and k != "neg_samples"}
+    positive, side_positive = scores([0, 1], batch, [0, 1], batch), scores([0, 1], side, [0, 1], side)
+    neg_img = scores([b for b in range(2) for _ in range(6)], batch, list(range(12)), negs).view(2, 6)
+    neg_txt = scores(list(range(12)), negs, [b for b in range(2) for _ in range(6)], side).view(2, 6)
+    expected = (0.2 + neg_img.topk(3, dim=1).values - positive[:, None]).clamp_min(0).mean() + (
+        0.2 + neg_txt.topk(3, dim=1).values - side_positive[:, None]).clamp_min(0).mean()
+    assert out["retrieval_loss"].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert {"iais_kl_text", "iais_kl_image"} <= out.keys() and out["iais_loss"].item() > 0
+    # Candidate texts are of other images than the image side's positive.
+    for ex in examples:
+        own = data.pairs.img_keys[ex["image_side"]]
+        assert all(data.pairs.img_keys[j] != own for j in ex["neg_texts"])
+    with pytest.raises(ValueError, match="sides='shared' got a batch with separate image-side positives"):
+        Retrieval(model.config)(model, batch)
+
+
+def test_positives_per_step_gives_batches_of_that_many_examples(store):
+    txt_db, img_db, _ = store
+    data = RetrievalDataset([txt_db], img_db, neg_samples=2)
+    sampler = batch_sampler(data, 10_000, train=True, setting="x", examples=3)
+    batches = sampler.epoch_batches(0)
+    assert sorted(len(b) for b in batches) == [1, 3, 3, 3, 3, 3]  # 16 texts: the epoch's last one is short
+    assert sorted(i for b in batches for i in b) == list(range(16))
+    official = RetrievalConfig(neg_samples=399, hard_negatives=31, positives_per_step=8, sides="separate")
+    assert official.examples_per_batch == 8 and RetrievalConfig().examples_per_batch is None
+    with pytest.raises(ValueError, match="hard_negatives \\(31\\) must not exceed neg_samples \\(30\\)"):
+        RetrievalConfig(neg_samples=30, hard_negatives=31)
+
+
 def test_rank_head_from_the_itm_head_gives_the_itm_matched_logit(store):
     txt_db, img_db, tok = store
     data = RetrievalDataset([txt_db], img_db)
@@ -202,10 +265,13 @@ def test_texts_of_images_missing_from_the_store_are_listed_and_left_out(store):
         RetrievalDataset([txt_db], img_db, neg_samples=8)
 
 
-def test_entity_phrases_map_to_word_piece_positions_and_isda_runs(store):
+def test_entity_phrases_map_to_word_piece_positions_and_isda_objects(store):
     _, img_db, tok = store
-    sentence = EntitySentence("img:2", ("a", "green", "star", "and", "red", "circle"), (
-        EntityPhrase(0, 3, ((0.0, 0.0, 10.0, 10.0),)), EntityPhrase(4, 2, ((20.0, 20.0, 40.0, 40.0),))))
+    words = ("a", "green", "star", "and", "red", "circle", "near", "it")
+    sentence = EntitySentence("img:2", words, (
+        EntityPhrase(0, 3, "7", ((0.0, 0.0, 10.0, 10.0),)),
+        EntityPhrase(4, 2, "9", ((20.0, 20.0, 40.0, 40.0),)),
+        EntityPhrase(7, 1, "7", ((0.0, 0.0, 10.0, 10.0),))))  # "it": chain 7 again (coreference)
     ids, positions = entity_inputs(tok, sentence, cls_id=2, sep_id=3, max_txt_len=60)
     pieces = tok.convert_ids_to_tokens(ids.tolist())
     assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]"
@@ -213,11 +279,29 @@ def test_entity_phrases_map_to_word_piece_positions_and_isda_runs(store):
     assert "".join(pieces[p].lstrip("#") for p in positions[1]) == "redcircle"
     _, cut = entity_inputs(tok, sentence, cls_id=2, sep_id=3, max_txt_len=2)
     assert cut[1] == [] and len(cut[0]) == 2
-    # Regions of img:2 scaled to a 100 x 100 image; annotation boxes equal to two of them match (IoU 1).
-    boxes = img_db.get("img:2").boxes[:, :4] * 100
-    phrases = [EntityPhrase(p.first_word, p.n_words, (tuple(boxes[r].tolist()),))
-               for p, r in zip(sentence.phrases, (0, 1), strict=True)]
-    matched = EntitySentence("img:2", sentence.words, tuple(phrases))
-    model = tiny_model(len(tok.get_vocab()))
-    values = sentence_isda(model, img_db, [sentence, matched], {"img:2": (100, 100)}, tok, cls_id=2, sep_id=3)
-    assert values[0] is None and values[1] is not None and values[1] >= 0
+    # Region boxes of img:2 in a 100 x 100 image; an annotated store holds one region per box, in this order.
+    region = img_db.get("img:2")
+    region_boxes = region.boxes[:, :4]
+    pixels = (region_boxes.double() * 100).tolist()
+    annotated = annotated_regions({"img:2": pixels})
+    phrases = [EntityPhrase(p.first_word, p.n_words, p.chain, (tuple(pixels[r]),))
+               for p, r in zip(sentence.phrases, (1, 0, 1), strict=True)]
+    boxed = EntitySentence("img:2", words, tuple(phrases))
+    # One object per chain: chain 7 = "a green star" + "it" with region 1, chain 9 = "red circle", region 0.
+    objects = entity_objects(boxed, positions, region_boxes, annotated)
+    assert objects == [(positions[0] + positions[2], [1]), (positions[1], [0])]
+    unboxed = entity_objects(sentence, positions, region_boxes, annotated)
+    assert unboxed == [(positions[0] + positions[2], []), (positions[1], [])]
+    # Detected regions: a box equal to a region's matches it (IoU 1); a box far from all matches none.
+    detected = detected_regions_by_iou({"img:2": (100, 100)})
+    assert 1 in detected("img:2", [pixels[1]], region_boxes)
+    assert detected("img:2", [[90, 90, 99, 99]], region_boxes) == []
+    model = tiny_model(len(tok.get_vocab())).eval()
+    values = sentence_isda(model, img_db, [sentence, boxed], tok, annotated, cls_id=2, sep_id=3)
+    assert values[0] is None  # no object has a region
+    n = len(pixels)
+    attention = model(input_ids=ids[None], position_ids=torch.arange(len(ids))[None],
+                      txt_mask=torch.ones(1, len(ids), dtype=torch.bool), img_feat=region.features[None],
+                      img_pos_feat=region.boxes[None], img_mask=torch.ones(1, n, dtype=torch.bool),
+                      attn_layer=-1).attention[0]
+    assert values[1] == pytest.approx(isda(attention, len(ids), n, objects), abs=1e-6)

@@ -19,7 +19,7 @@ from vlp.data.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from vlp.model import UniterConfig, UniterModel
 from vlp.tasks import TASKS
 from vlp.tasks.common import TaskDataError, read_image_sizes
-from vlp.tasks.nlvr2 import NLVR2, expand_type_embeddings
+from vlp.tasks.nlvr2 import NLVR2, AttentionPool, expand_type_embeddings
 from vlp.tasks.refexp import NO_TARGET, RefExp, box_iou, match_region, refexp_hits
 from vlp.tasks.snli_ve import SNLIVE
 from vlp.tasks.vqa import VQA, vqa_loss
@@ -38,9 +38,15 @@ VQA_ROWS = [
     (5, "coco:2", "val2014", "Is there a square?", ["yes"] * 10, "yes", "yes/no"),
     (6, "coco:3", "val2014", "What color is it?", ["red"] * 10, "red", "other"),
     (7, "coco:404", "val2014", "Where is the star?", ["left"] * 10, "left", "other"),
+    # A test split: published without answers (predictions go to the evaluation server).
+    (8, "coco:3", "test-dev2015", "What shape is it?", None, None, None),
+    (9, "coco:2", "test-dev2015", "Is the square blue?", None, None, None),
 ]
-# Soft targets over the train vocabulary {red: 0, 2: 1, blue: 2} (min_count 1), by hand: min(#humans / 3, 1).
-VQA_TARGETS = {1: [1.0, 0.0, 2 / 3], 2: [0.0, 1.0, 0.0], 3: [1.0, 0.0, 1.0], 4: [1.0, 2 / 3, 0.0]}
+# Soft targets over the train vocabulary {red: 0, 2: 1, blue: 2} (min_count 1), by hand. Humans per answer:
+# q1 red 7, blue 2; q2 "2" 9; q3 blue 3, red 7; q4 red 8, "2"/"two" 2. Default (UNITER / MCAN):
+# 0 / .3 / .6 / .9 / 1 for 0 / 1 / 2 / 3 / >= 4 humans; soft_score=linear: min(#humans / 3, 1).
+VQA_TARGETS = {1: [1.0, 0.0, 0.6], 2: [0.0, 1.0, 0.0], 3: [1.0, 0.0, 0.9], 4: [1.0, 0.6, 0.0]}
+VQA_TARGETS_LINEAR = {1: [1.0, 0.0, 2 / 3], 2: [0.0, 1.0, 0.0], 3: [1.0, 0.0, 1.0], 4: [1.0, 2 / 3, 0.0]}
 
 NLVR2_ROWS = [
     (f"{split}-{pair}", split, sentence, f"nlvr2:{left}", f"nlvr2:{right}", label)
@@ -141,6 +147,33 @@ def _fix_output(layer: torch.nn.Linear, bias: list[float]) -> None:
         layer.bias.copy_(torch.tensor(bias))
 
 
+def test_nlvr2_attention_pool_official_relu_and_plain_linear():
+    # Scores w . x with w = (1, 0) over positions x0 = (1, 1), x1 = (-2, 3), x2 = (5, 5) (padding): 1 and -2.
+    sequence = torch.tensor([[[1.0, 1.0], [-2.0, 3.0], [5.0, 5.0]]])
+    mask = torch.tensor([[True, True, False]])
+    linear, official = AttentionPool(2), AttentionPool(2, relu=True, dropout=0.5)
+    for pool in (linear, official):
+        _fix_output(pool.score, [0.0])
+        with torch.no_grad():
+            pool.score.weight.copy_(torch.tensor([[1.0, 0.0]]))
+    # linear: softmax(1, -2) = (e^3, 1) / (1 + e^3); official: ReLU gives (1, 0): softmax = (e, 1) / (1 + e)
+    w = math.exp(3) / (1 + math.exp(3))
+    assert linear(sequence, mask)[0].tolist() == pytest.approx([w - 2 * (1 - w), w + 3 * (1 - w)])
+    official.eval()
+    v = math.e / (1 + math.e)
+    assert official(sequence, mask)[0].tolist() == pytest.approx([v - 2 * (1 - v), v + 3 * (1 - v)])
+    # In training the pool's weights are dropped out (p = 0.5: kept ones doubled), the plain pool's never.
+    official.train()
+    torch.manual_seed(0)
+    dropped = {tuple(official(sequence, mask)[0].tolist()) for _ in range(20)}
+    assert len(dropped) > 1
+    config = UniterConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32, img_dim=IMG_DIM)
+    head = NLVR2(config)  # the default: UniterForNlvr2PairedAttn's pool, dropout = attention dropout
+    assert head.biattn.pool.relu and head.biattn.pool.dropout == config.attention_probs_dropout_prob
+    assert not NLVR2(config, pool="linear").biattn.pool.relu
+
+
 def test_registry_names_and_metrics():
     assert TASKS == {"vqa": VQA, "nlvr2": NLVR2, "snli_ve": SNLIVE, "refcoco": RefExp}
     assert {name: (t.name, t.metric) for name, t in TASKS.items()} == {
@@ -176,6 +209,11 @@ def test_vqa_vocab_soft_targets_and_tokens(world):
                            max_txt_len=2)
     assert all(r["input_ids"][0] == 2 and r["input_ids"][-1] == 3 and len(r["input_ids"]) == 4
                for r in short.records)
+    linear = VQA.build_data(world["tables"], world["img_db"], world["tokenizer"], "train2014", min_count=1,
+                            soft_score="linear")
+    batch = linear.collate([linear[i] for i in range(len(linear))])
+    expected = torch.tensor([VQA_TARGETS_LINEAR[q] for q in batch["question_ids"]])
+    assert torch.allclose(batch["targets"], expected)
     assert data.txt_lens.tolist() == [len(r["input_ids"]) for r in data.records]
     assert data.img_lens.tolist() == [3, 3, 2, 2]
     # The validation split gets the training split's vocabulary.
@@ -201,6 +239,17 @@ def test_vqa_forward_loss_and_score_by_hand(world):
     assert out["vqa_score_sum"].item() == pytest.approx(1.3) and int(out["vqa_count"]) == 4
     assert [p["answer"] for p in out["predictions"]] == ["2"] * 4
     assert [p["score"] for p in out["predictions"]] == pytest.approx([0.0, 1.0, 0.0, 0.3])
+
+
+def test_vqa_test_split_without_answers_gets_predictions_only(world):
+    data = VQA.build_data(world["tables"], world["img_db"], world["tokenizer"], "test-dev2015", min_count=1)
+    assert not data.answered and [r["question_id"] for r in data.records] == [8, 9]
+    assert VQA.build_data(world["tables"], world["img_db"], world["tokenizer"], "val2014", min_count=1,
+                          skip_missing=True).answered
+    head = VQA(_encoder(world).config, min_count=1, **data.head_options)
+    _fix_output(head.classifier[-1], [0.0, 2.0, -1.0])
+    out = head(_encoder(world), data.collate([data[i] for i in range(len(data))]))
+    assert out == {"predictions": [{"question_id": 8, "answer": "2"}, {"question_id": 9, "answer": "2"}]}
 
 
 def test_vqa_vocab_mismatch_is_one_line(world):

@@ -172,6 +172,12 @@ def run(ctx: StageContext) -> StageResult:
         "fetch_seconds": round(fetch_seconds, 3),
     }
     metrics = _metrics(per_dataset, fetched, fetch_seconds, resumed, len(shards))
+    # Records a format marks unusable (SNLI's no-consensus pairs), left out of the tables on purpose.
+    summary["dropped_records"] = {name: dict(p.dropped) for name, p in parsed.items() if p.dropped}
+    for name, reasons in summary["dropped_records"].items():
+        for reason, n in reasons.items():
+            metrics[f"records.{name}.dropped.{reason}"] = n
+            ctx.log.info("download %s: %d records dropped: %s", name, n, reason)
     summary["metrics"] = metrics
     layout.summary_file.parent.mkdir(parents=True, exist_ok=True)
     layout.summary_file.write_text(json.dumps(summary, indent=1, sort_keys=True))

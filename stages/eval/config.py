@@ -33,8 +33,12 @@ class RetrievalEvalConfig(BaseModel):
     release_every: int = Field(8, ge=0)
     zero_shot: bool = True  # also the pretrained model's ITM head, before any finetuning
     recall_curve_k: int = Field(10, ge=1)  # recall@K for K = 1..this in the recall-curve figure
-    # ISDa on Flickr30k Entities phrase-box annotations of the images of these Entities splits.
+    # ISDa on Flickr30k Entities phrase-box annotations of the images of these Entities splits (the
+    # entity_features stage pools their boxes).
     isda_splits: tuple[str, ...] = ("test",)
+    # The image side of ISDa: annotated = the regions pooled at the Entities boxes, one per box (the paper:
+    # features at the ground-truth boxes); detected = the detected regions with IoU >= 0.5 to an object's box.
+    isda_regions: Literal["annotated", "detected"] = "annotated"
     isda_max_sentences: int | None = Field(None, ge=1)  # the first N usable sentences (None: all)
     attention_pairs: int = Field(4, ge=0)  # test pairs drawn as text-to-image attention maps
 
@@ -77,8 +81,8 @@ class EvalConfig(BaseModel):
 def eval_upstream(task: str) -> tuple[str, ...]:
     """Stages ``eval_<task>`` reads: its finetuned variants, the pretrained model (zero-shot retrieval,
     tokenizer), the regions, and the task's data as in ``finetune_upstream``; retrieval also reads dedup
-    (Entities annotations and image sizes for ISDa); RefCOCO also the regions at the COCO ground-truth
-    boxes (gt_features)."""
-    data = {"retrieval": ("txtdb", "karpathy_txtdb", "dedup"),
+    (Entities annotations and image sizes for ISDa) and the regions at the Entities boxes (entity_features);
+    RefCOCO also the regions at the COCO ground-truth boxes (gt_features)."""
+    data = {"retrieval": ("txtdb", "karpathy_txtdb", "dedup", "entity_features"),
             "refcoco": ("download", "gt_features")}.get(task, ("dedup",))
     return (f"finetune_{task}", "pretrain", "features", *data)

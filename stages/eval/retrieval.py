@@ -15,6 +15,7 @@ import torch
 
 from stages.base import StageError
 from stages.eval.config import RetrievalEvalConfig
+from stages.outputs.features import EntityFeaturesOutput
 from vlp.data.img_db import ImgDb
 from vlp.eval.isda import isda_summary
 from vlp.eval.retrieval import recall_at_k, score_all_pairs, shortlist_rerank
@@ -22,7 +23,10 @@ from vlp.tasks.common import read_image_sizes
 from vlp.tasks.retrieval import (
     EntityPhrase,
     EntitySentence,
+    Locate,
     PairScorer,
+    annotated_regions,
+    detected_regions_by_iou,
     sentence_isda,
     text_to_image_attention,
     unimodal_similarity,
@@ -59,7 +63,7 @@ def score_modes(scorer: PairScorer, txt2img: torch.Tensor, cfg: RetrievalEvalCon
 def entity_sentences(dedup: Path, splits: tuple[str, ...], img_db: ImgDb,
                      limit: int | None) -> list[EntitySentence]:
     """Entities sentences of the images of the Entities ``splits`` that the store holds and that have at
-    least two phrases with boxes (ISDa needs two related entities), in (image, sentence) order."""
+    least two chains with boxes (ISDa needs two related objects), in (image, sentence) order."""
     tables = dedup / "tables"
     try:
         split_rows = pq.read_table(tables / "splits.parquet").to_pylist()
@@ -74,20 +78,43 @@ def entity_sentences(dedup: Path, splits: tuple[str, ...], img_db: ImgDb,
             grouped[(row["image_key"], row["sentence_idx"])].append(row)
     sentences = []
     for (key, _), phrases in sorted(grouped.items()):
-        if len(phrases) < 2:
+        if len({p["phrase_id"] for p in phrases}) < 2:
             continue
         sentence = phrases[0]["sentence"]
         sentences.append(EntitySentence(key, tuple(sentence.split(" ")), tuple(
-            EntityPhrase(p["first_word_index"], len(p["phrase"].split()), tuple(tuple(b) for b in p["boxes"]))
+            EntityPhrase(p["first_word_index"], len(p["phrase"].split()), p["phrase_id"],
+                         tuple(tuple(b) for b in p["boxes"]))
             for p in phrases)))
     return sentences[:limit] if limit is not None else sentences
 
 
-def isda_of(scorer: PairScorer, sentences: list[EntitySentence], sizes: dict[str, tuple[int, int]],
-            tokenizer: Any, meta: dict[str, Any], max_txt_len: int) -> dict[str, float]:
-    values = sentence_isda(scorer.model, scorer.img_db, sentences, sizes, tokenizer, cls_id=int(meta["CLS"]),
-                           sep_id=int(meta["SEP"]), max_txt_len=max_txt_len, pad_id=scorer.pad_id,
-                           device=scorer.device, autocast=scorer.autocast)
+@dataclass
+class IsdaInputs:
+    """What ISDa reads: the sentences, the store of their images' regions and how an object finds its own."""
+
+    sentences: list[EntitySentence]
+    img_db: ImgDb
+    locate: Locate
+
+
+def isda_inputs(cfg: RetrievalEvalConfig, dedup: Path, entity_store: EntityFeaturesOutput,
+                detected: ImgDb) -> IsdaInputs:
+    """``annotated``: the entity_features store, each region found by its box; ``detected``: the features
+    stage's regions with IoU >= 0.5 to an object's box (scaled by the image sizes in dedup's shards)."""
+    if cfg.isda_regions == "annotated":
+        store = entity_store.img_db()
+        sentences = entity_sentences(dedup, cfg.isda_splits, store, cfg.isda_max_sentences)
+        return IsdaInputs(sentences, store, annotated_regions(entity_store.boxes()))
+    sentences = entity_sentences(dedup, cfg.isda_splits, detected, cfg.isda_max_sentences)
+    sizes = flickr_sizes(dedup, sentences) if sentences else {}
+    return IsdaInputs(sentences, detected, detected_regions_by_iou(sizes))
+
+
+def isda_of(scorer: PairScorer, inputs: IsdaInputs, tokenizer: Any, meta: dict[str, Any],
+            max_txt_len: int) -> dict[str, float]:
+    values = sentence_isda(scorer.model, inputs.img_db, inputs.sentences, tokenizer, inputs.locate,
+                           cls_id=int(meta["CLS"]), sep_id=int(meta["SEP"]), max_txt_len=max_txt_len,
+                           pad_id=scorer.pad_id, device=scorer.device, autocast=scorer.autocast)
     return isda_summary(values)
 
 

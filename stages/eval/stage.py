@@ -3,7 +3,9 @@
 ``eval_<task>`` evaluates every finetuned variant of ``finetune_<task>`` on the task's ``eval.splits`` and
 writes ``metrics.json`` = ``{variant: {section: {metric: value}}}`` plus each variant's predictions. Sections
 are splits; RefCOCO puts the detected-region accuracy (``refcoco_acc``) and the ground-truth-region accuracy
-(``refcoco_gt_acc``, on the gt_features stage's regions at the COCO instance boxes) side by side. Retrieval
+(``refcoco_gt_acc``, on the gt_features stage's regions at the COCO instance boxes) side by side. A VQA test
+split (test-dev2015 / test2015: no answers) gets no metrics but the evaluation server's results file
+(``EvalOutput.vqa_results_path``). Retrieval
 adds the zero-shot model (the pretrained encoder with its ITM head), scores each test split in every
 ``eval.retrieval.modes`` (sections ``test/full``, ``test/shortlist``: recall@1/5/10, Meta-Sum, seconds,
 pairs scored), measures ISDa on Flickr30k Entities (section ``isda``) and draws
@@ -23,14 +25,13 @@ from stages.eval import figures
 from stages.eval.config import EvalConfig
 from stages.eval.retrieval import (
     attention_maps,
-    entity_sentences,
-    flickr_sizes,
+    isda_inputs,
     isda_of,
     log_summary,
     score_modes,
 )
 from stages.outputs.eval import EvalOutput, Metrics, flatten, write_json
-from stages.outputs.features import FeaturesOutput
+from stages.outputs.features import EntityFeaturesOutput, FeaturesOutput
 from stages.outputs.finetune import FinetuneOutput
 from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput, find_dbs, max_txt_len
@@ -106,6 +107,9 @@ def eval_task(s: Setup, task: str) -> tuple[Metrics, list[str]]:
             sections.setdefault(split, {}).update(
                 {k: v for k, v in values.items() if not (suffix and k.endswith("_loss"))})
             write_json(s.out.predictions_path(name, f"{split}{suffix}"), predictions)
+            if task == "vqa" and not split_data.answered:  # a test split: submit to the evaluation server
+                results = [{"question_id": p["question_id"], "answer": p["answer"]} for p in predictions]
+                write_json(s.out.vqa_results_path(name, split), results)
             ctx.log.info("eval_%s: %s %s%s: %s", task, name, split, suffix,
                          ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
         metrics[name] = sections
@@ -140,11 +144,13 @@ def _retrieval_models(s: Setup, dataset: str):
 def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
     ctx, rcfg = s.ctx, s.cfg.retrieval
     tokenizer = load_tokenizer(s.pre.tokenizer_dir)
-    sentences = entity_sentences(ctx.inputs["dedup"], rcfg.isda_splits, s.img_db, rcfg.isda_max_sentences)
-    sizes = flickr_sizes(ctx.inputs["dedup"], sentences) if sentences else {}
+    isda_data = isda_inputs(rcfg, ctx.inputs["dedup"], EntityFeaturesOutput(ctx.inputs["entity_features"]),
+                            s.img_db)
+    sentences = isda_data.sentences
     if not sentences:
-        ctx.log.warning("eval_retrieval: no Flickr30k Entities sentence of splits %s has two boxed phrases "
-                        "and an image in the store: no ISDa", list(rcfg.isda_splits))
+        ctx.log.warning("eval_retrieval: no Flickr30k Entities sentence of splits %s has two boxed chains "
+                        "and an image in the %s regions' store: no ISDa", list(rcfg.isda_splits),
+                        rcfg.isda_regions)
     txt_dbs = [TxtDbOutput(ctx.inputs["txtdb"]), TxtDbOutput(ctx.inputs["karpathy_txtdb"])]
     metrics: Metrics = {}
     artifacts: list[str] = []
@@ -174,7 +180,7 @@ def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
                 curves[kind] = next(iter(results.values())).curve
                 if sentences and ISDA_SECTION not in sections:
                     # Entities sentences are cut as the text db stage cut the texts the model was tuned on.
-                    sections[ISDA_SECTION] = isda_of(scorer, sentences, sizes, tokenizer, test.pairs.meta,
+                    sections[ISDA_SECTION] = isda_of(scorer, isda_data, tokenizer, test.pairs.meta,
                                                      max_txt_len(test.pairs.meta, paths[0]))
                     ctx.log.info("eval_retrieval: %s ISDa %s", name, sections[ISDA_SECTION])
                 if rcfg.attention_pairs:
@@ -186,6 +192,8 @@ def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
             path = figures.recall_curves(curves, s.out.figures_dir / f"recall_{dataset}_{split}.png",
                                          f"{dataset} {split}: recall@K ({rcfg.modes[0]} scoring)")
             artifacts.append(str(path.relative_to(s.out.root)))
+    if isda_data.img_db is not s.img_db:
+        isda_data.img_db.close()
     return metrics, artifacts
 
 

@@ -49,6 +49,11 @@ class TrainConfig(OptimConfig):
     train_split: str
     val_split: str  # validation curves during finetuning (the eval stage's splits are eval.splits)
 
+    @property
+    def examples_per_batch(self) -> int | None:
+        """A fixed number of examples per optimizer step instead of the ``batch_units`` budget (None)."""
+        return None
+
 
 class HeadTaskConfig(TrainConfig):
     """A task with a ``vlp.tasks`` head: the options its head and data builder take (``Task.Options``),
@@ -75,6 +80,12 @@ class IAISSettings(BaseModel):
 
     enabled: bool = True
     variant: Literal["singular", "distributed"] = "singular"
+    # singular mirror: scores (the paper: softmax over gathered scores) or probabilities (the official code:
+    # softmax over gathered head-averaged probabilities); vlp.objectives.iais
+    singular_mirror: Literal["scores", "probabilities"] = "scores"
+    # over the positive pairs: mean (the paper's weighting against the margin loss) or sum (the official
+    # code, whose rank loss is a mean: weight x positives per step)
+    positives: Literal["mean", "sum"] = "mean"
     anchors: tuple[Anchor, ...] = ("text", "image")
     schedule: Literal["exp", "linear", "log", "constant"] = "exp"
     gamma: float = Field(5.0, gt=0)  # exp / log schedule steepness (the paper: 5 and 10)
@@ -85,8 +96,8 @@ class IAISSettings(BaseModel):
     def loss_config(self) -> dict[str, Any] | None:
         if not self.enabled:
             return None
-        return {"variant": self.variant, "anchors": list(self.anchors), "schedule": self.schedule,
-                "gamma": self.gamma}
+        return {"variant": self.variant, "singular_mirror": self.singular_mirror, "positives": self.positives,
+                "anchors": list(self.anchors), "schedule": self.schedule, "gamma": self.gamma}
 
 
 class RetrievalConfig(TrainConfig):
@@ -103,10 +114,22 @@ class RetrievalConfig(TrainConfig):
         "coco": RetrievalData(train=["coco_karpathy_train", "coco_karpathy_restval"], val="coco_karpathy_val",
                               test="coco_karpathy_test")})
     margin: float = Field(0.2, ge=0)
+    # The hard-negative recipe (vlp.tasks.retrieval). The official one (train-itm-*-hn.json; the IAIS paper's
+    # "31 hard negatives per side, 8 positives per batch"): neg_samples 399, hard_negatives 31,
+    # positives_per_step 8, sides separate. The defaults are the demo's scale: 2 x 399 candidate passes per
+    # positive is ~100x the demo's whole finetuning cost, and its Flickr30k train split has fewer images.
     neg_samples: int = Field(4, ge=1)  # random candidates per positive, per side
     hard_negatives: int = Field(1, ge=1)  # hardest candidates kept per positive, per side
+    # shared: one positive anchors both sides (the IAIS paper's wording); separate: the image side has its own
+    # positive drawn independently (the official code's two loaders)
+    sides: Literal["shared", "separate"] = "shared"
+    positives_per_step: int | None = Field(None, ge=1)  # None: as many as batch_units holds
     val_chunk: tuple[int, int] = (8, 64)  # images x texts scored per forward pass in validation
     iais: IAISSettings = Field(default_factory=IAISSettings)
+
+    @property
+    def examples_per_batch(self) -> int | None:
+        return self.positives_per_step
 
     @model_validator(mode="after")
     def _sizes(self) -> RetrievalConfig:
@@ -142,6 +165,10 @@ class SnliVeConfig(HeadTaskConfig):
 
 class RefcocoConfig(HeadTaskConfig):
     options: RefExpOptions = Field(default_factory=RefExpOptions)
+    # Regions of the training split: gt = the COCO instance boxes (gt_features; UNITER: "only one object is
+    # paired with the query", and its refcoco configs train on re_coco_gt), detected = the detector's regions
+    # with the referred box's best match at IoU >= 0.5 as the target. Validation uses the detected regions.
+    train_regions: Literal["gt", "detected"] = "gt"
     # An expression and its image's ~10 regions make a short example: smaller batches give the ~271 demo
     # expressions enough steps (2,048 units: 12 steps, no learning; 512 and 20 epochs: 160 steps).
     epochs: float = 20.0
@@ -175,6 +202,7 @@ def finetune_upstream(task: str) -> tuple[str, ...]:
     """Stages ``finetune_<task>`` reads: the encoder and its tokenizer (pretrain), the regions (features) and
     the task's data: retrieval texts (txtdb, karpathy_txtdb), VQA / NLVR2 / SNLI-VE tables (dedup),
     RefCOCO's table and image sizes (download: dedup drops the RefCOCO eval images' rows from the image
-    shards)."""
-    data = {"retrieval": ("txtdb", "karpathy_txtdb"), "refcoco": ("download",)}.get(task, ("dedup",))
+    shards) and its ground-truth regions (gt_features, the training split's with train_regions: gt)."""
+    data = {"retrieval": ("txtdb", "karpathy_txtdb"),
+            "refcoco": ("download", "gt_features")}.get(task, ("dedup",))
     return ("pretrain", "features", *data)

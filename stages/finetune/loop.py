@@ -50,7 +50,7 @@ def fit(model: UniterModel, head: nn.Module, data: Dataset, cfg: TrainConfig, *,
     steps (or epoch) and at the end, ``log(metrics, step)`` receives ``train/...`` and ``val/...`` curves.
     ``seed`` (derived from the root seed) seeds the batch order and, per step, dropout."""
     sampler = batch_sampler(data, cfg.batch_units, seed=seed_of(seed, "batches"), train=True,
-                            setting=f"{setting}.batch_units")
+                            setting=f"{setting}.batch_units", examples=cfg.examples_per_batch)
     per_epoch = len(sampler.epoch_batches(0))
     steps = plan_steps(cfg, per_epoch)
     val_every = cfg.val_every or per_epoch

@@ -10,7 +10,8 @@ from the root seed and the task), so variants differ only in what they are meant
 Curves go to the stage's MLflow run as ``<variant>/train/...`` and ``<variant>/val/...``; the final metrics
 are the last validation, ``<variant>/val/<metric>``. Inputs: ``pretrain`` (encoder, ITM head,
 tokenizer), ``features`` (regions), and the task's data: ``txtdb`` and ``karpathy_txtdb`` (retrieval),
-``dedup`` (VQA, NLVR2, SNLI-VE tables) or ``download`` (RefCOCO: tables and image sizes).
+``dedup`` (VQA, NLVR2, SNLI-VE tables) or ``download`` (RefCOCO: tables and image sizes) and
+``gt_features`` (RefCOCO's training regions at the COCO instance boxes, ``finetune.refcoco.train_regions``).
 """
 
 from __future__ import annotations
@@ -104,11 +105,12 @@ def finetune_retrieval(s: Setup, variant: Variant, val: RetrievalDataset) -> dic
     # Built per variant: its negative sampler starts from the same seed in every variant.
     train = retrieval_split(find_dbs(retrieval_dbs(s.ctx), dbs.train, f"task retrieval split {split}"), split,
                             s.img_db, skip=s.runtime.skip_missing_images, setting=SKIP_SETTING, log=s.ctx.log,
-                            neg_samples=rcfg.neg_samples, seed=seed_of(s.seed, "negatives"))
+                            neg_samples=rcfg.neg_samples, seed=seed_of(s.seed, "negatives"), sides=rcfg.sides)
     model, heads = s.encoder(variant)
     torch.manual_seed(seed_of(s.seed, "head"))
     head = Retrieval(model.config, margin=rcfg.margin, hard_negatives=rcfg.hard_negatives,
-                     iais=rcfg.iais.loss_config() if variant.iais else None, iais_weight=rcfg.iais.weight)
+                     iais=rcfg.iais.loss_config() if variant.iais else None, iais_weight=rcfg.iais.weight,
+                     sides=rcfg.sides)
     if heads is not None:
         try:
             head.init_from_itm(heads, str(s.pre.model_dir / "heads.pt"))
@@ -185,10 +187,18 @@ def _variants(s: Setup) -> list[dict[str, Any]]:
     tables = ctx.inputs["download" if task == "refcoco" else "dedup"] / "tables"
     extra = {"image_sizes": task_image_sizes(task, tables, ctx.inputs["download"] / "images")} \
         if task == "refcoco" else {}
-    train, val = (task_split(task, tables, s.img_db, s.pre.tokenizer_dir, split, tcfg.task_options(),
-                             skip=runtime.skip_missing_images, setting=SKIP_SETTING, log=ctx.log, **extra)
-                  for split in (tcfg.train_split, tcfg.val_split))
-    return [finetune_task(s, variant, train, val) for variant in variants_of(task, cfg)]
+    gt_store = None
+    if task == "refcoco" and cfg.refcoco.train_regions == "gt":
+        gt_store = FeaturesOutput(ctx.inputs["gt_features"]).img_db()  # UNITER trains on the annotated boxes
+    try:
+        train_extra = extra | ({"gt_img_db": gt_store} if gt_store is not None else {})
+        train, val = (task_split(task, tables, s.img_db, s.pre.tokenizer_dir, split, tcfg.task_options(),
+                                 skip=runtime.skip_missing_images, setting=SKIP_SETTING, log=ctx.log, **more)
+                      for split, more in ((tcfg.train_split, train_extra), (tcfg.val_split, extra)))
+        return [finetune_task(s, variant, train, val) for variant in variants_of(task, cfg)]
+    finally:
+        if gt_store is not None:
+            gt_store.close()
 
 
 def run_task(ctx: StageContext, task: str) -> StageResult:

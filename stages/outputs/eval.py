@@ -5,6 +5,9 @@
     metrics.json                          {variant: {section: {metric: value}}}; a section is a split
                                           (retrieval: ``<split>/<mode>`` and ``isda``)
     <variant>/<split>_predictions.json    the predictions of each example
+    <variant>/vqa_OpenEnded_mscoco_<split>_<variant>_results.json
+                                          VQA test splits (no answers): the evaluation server's results
+                                          file, ``[{"question_id": int, "answer": str}]``
     figures/*.png                         retrieval: recall@K curves and text-to-image attention maps
 """
 
@@ -41,6 +44,10 @@ class EvalOutput(StageOutput):
 
     def predictions_path(self, variant: str, split: str) -> Path:
         return self.root / variant / f"{split}_predictions.json"
+
+    def vqa_results_path(self, variant: str, split: str) -> Path:
+        """The VQA server's file name, ``vqa_[task type]_[dataset]_[subset]_[method]_results.json``."""
+        return self.root / variant / f"vqa_OpenEnded_mscoco_{split}_{variant.replace('/', '-')}_results.json"
 
     def write_metrics(self, metrics: Metrics) -> None:
         write_json(self.metrics_path, metrics)

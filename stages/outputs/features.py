@@ -1,5 +1,5 @@
-"""Output of the ``features`` stage (and of ``gt_features``, RefCOCO's regions at the annotated boxes): a
-region store in UNITER's img_db layout and the box-count rule its readers apply.
+"""Output of the ``features`` stage (and of ``gt_features`` / ``entity_features``, regions pooled at
+annotated boxes): a region store in UNITER's img_db layout and the box-count rule its readers apply.
 
 ::
 
@@ -8,11 +8,14 @@ region store in UNITER's img_db layout and the box-count rule its readers apply.
                           "compress": bool}, the rule every consumer reads the store with
     failures.parquet      (features) images not stored: key, corpus, reason, detail
     boxes_per_image.png   (features) histogram of the regions a reader gets per image
+    boxes.json            (entity_features) {image key: [[x1, y1, x2, y2], ...]}: the annotated pixel box of
+                          each stored region, in the store's row order
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,3 +74,23 @@ class FeaturesOutput(StageOutput):
             return ImgDb(self.store_dir, *store["box_rule"], compress=store["compress"])
         except ValueError as err:
             raise StageError(f"{self.store_dir}: {' '.join(str(err).split())}") from None
+
+
+@dataclass(frozen=True)
+class EntityFeaturesOutput(FeaturesOutput):
+    """The Flickr30k Entities boxes' store (``entity_features``) plus each region's annotated box."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("img_db", "stats.json", "boxes.json")
+
+    @property
+    def boxes_path(self) -> Path:
+        return self.root / "boxes.json"
+
+    def write_boxes(self, boxes: Mapping[str, Sequence[Sequence[float]]]) -> None:
+        self.boxes_path.write_text(json.dumps(boxes, sort_keys=True) + "\n")
+
+    def boxes(self) -> dict[str, list[list[float]]]:
+        try:
+            return json.loads(self.boxes_path.read_text())
+        except (OSError, ValueError) as err:
+            raise StageError(f"{self.boxes_path}: cannot read the regions' boxes ({err})") from None

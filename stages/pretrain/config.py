@@ -32,12 +32,27 @@ class ValidationConfig(BaseModel):
     retrieval_chunk: tuple[int, int] = (4, 32)  # images x texts scored per forward pass
 
 
+class DatasetMix(BaseModel):
+    """One pretraining dataset of ``train_dbs``' named form: its text dbs and its weight in the mix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dbs: list[str] = Field(min_length=1)
+    weight: float = Field(1.0, gt=0)
+
+
 class PretrainConfig(ObjectivesConfig):
-    """The objectives (``tasks``, ``masking``, ``mask_prob``, ``itm_neg_prob``, ``wra*``) plus the run."""
+    """The objectives (``tasks``, ``masking``, ``mask_prob``, ``itm_*``, ``wra*``, ...) plus the run."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
-    # Text dbs to pretrain on (names in the txtdb output, without ".db").
-    train_dbs: list[str] = ["coco_train2014", "coco_val2014", "vg_train", "cc_train", "sbu_train"]
+    # Text dbs to pretrain on (names in the txtdb output, without ".db"). A list is one corpus whose captions
+    # are sampled by size (the paper: "each pair (w, v) is sampled from the whole training set D"); a mapping
+    # {dataset: {dbs, weight}} gives one batch stream per (task, dataset), drawn with ratio tasks[task] x
+    # weight (the official code's per-dataset mix_ratio: UNITER's in-domain config is coco and vg with
+    # weight 1 each and tasks itm 2, mlm 2, mrfr 1, mrc_kl 1; its all-data config coco 2, vg 3, cc 3, sbu 2
+    # with itm 3, mlm 4, mrfr 2, mrc_kl 2).
+    train_dbs: list[str] | dict[str, DatasetMix] = ["coco_train2014", "coco_val2014", "vg_train", "cc_train",
+                                                    "sbu_train"]
     # Padded input units (batch size x (longest text + most regions)) per micro-batch and worker.
     batch_units: int = Field(1024, ge=1)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step and worker
@@ -58,4 +73,13 @@ class PretrainConfig(ObjectivesConfig):
     def _some_train_db(self) -> PretrainConfig:
         if not self.train_dbs:
             raise ValueError("train_dbs is empty")
+        names = self.db_names()
+        if len(set(names)) != len(names):
+            raise ValueError(f"train_dbs lists a text db twice: {names}")
         return self
+
+    def db_names(self) -> list[str]:
+        """Every training text db, in order (the datasets' dbs one after the other)."""
+        if isinstance(self.train_dbs, list):
+            return list(self.train_dbs)
+        return [db for mix in self.train_dbs.values() for db in mix.dbs]

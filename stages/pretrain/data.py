@@ -1,12 +1,13 @@
 """The corpus of pretraining: text dbs of the txtdb stage joined with the features stage's region store.
 
 Texts are read as txtdb wrote them (cut to its ``max_txt_len``); regions with the box-count rule the
-features stage declared. Batches come from ``vlp.train.prepared`` (randomness seeded per batch).
+features stage declared. Batches come from ``vlp.train.prepared`` (randomness seeded per batch), one
+stream of batches per (task, dataset) (``streams``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ from vlp.data.img_db import ImgDb
 from vlp.data.pretrain_dataset import PretrainDataset
 from vlp.data.txt_db import TxtDb
 from vlp.objectives import REGISTRY
+from vlp.train.prepared import ItmPairs
+from vlp.train.seeds import seed_of
 
 
 class PretrainSetupError(ValueError):
@@ -73,10 +76,45 @@ class Corpus:
     img_dim: int
     label_dim: int
     notes: list[str] = field(default_factory=list)  # what was dropped or held out, for the log
+    # The training captions by dataset of train_dbs' named form ({ONE_CORPUS: train} for a list) and the
+    # datasets' mix weights.
+    parts: dict[str, PretrainDataset] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
         return int(self.meta.get("vocab_size") or self.meta["v_range"][1])
+
+
+ONE_CORPUS = ""  # the dataset name of train_dbs' list form
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One source of training batches: a task on a dataset. Each optimizer step draws one stream by ratio."""
+
+    name: str  # the task on one corpus ("itm"), else "<task>/<dataset>" ("itm/coco")
+    task: str
+    dataset: str
+    ratio: float
+
+
+def streams(tasks: dict[str, float], weights: dict[str, float]) -> list[Stream]:
+    """One stream per (task, dataset), ratio tasks[task] x weights[dataset] (UNITER's per-dataset mix_ratio,
+    ``MetaLoader``); with one corpus the streams are the tasks with their ratios."""
+    return [Stream(task if dataset == ONE_CORPUS else f"{task}/{dataset}", task, dataset, ratio * weight)
+            for task, ratio in sorted(tasks.items()) for dataset, weight in sorted(weights.items())]
+
+
+def stream_examples(stream: Stream, corpus: Corpus, cfg: PretrainConfig, seed: int
+                    ) -> tuple[Dataset, np.ndarray, Callable[[int], np.ndarray] | None]:
+    """(examples, region-count bound, per-epoch region counts or None) of a stream's batches: the dataset's
+    captions, for ITM with corpus negatives paired anew every epoch (``vlp.train.prepared.ItmPairs``)."""
+    part = corpus.parts[stream.dataset]
+    if stream.task == "itm" and cfg.itm_negatives == "corpus":
+        pairs = ItmPairs(part, cfg.itm_neg_prob, seed_of(seed, "itm_negatives", stream.name))
+        return pairs, pairs.img_lens, pairs.epoch_img_lens
+    return part, part.img_lens, None
 
 
 # meta.json fields that identify the tokenizer (vocab_digest: ours; UNITER's dbs have only the ids).
@@ -97,7 +135,7 @@ def build_corpus(cfg: PretrainConfig, seed: int, inputs: PretrainInputs) -> Corp
     fields, img_dim, label_dim = store_fields(img_db)
     check_requirements(cfg.tasks, fields, img_db)
     vcfg, txtdb = cfg.validation, inputs.txtdb
-    train = PretrainDataset(open_txt_dbs(txtdb, cfg.train_dbs, "train_dbs"), img_db)
+    train = PretrainDataset(open_txt_dbs(txtdb, cfg.db_names(), "train_dbs"), img_db)
     notes = [f"train: {line}" for line in train.drop_summary()]
     parts: list[PretrainDataset] = []
     if vcfg.dbs:
@@ -131,11 +169,23 @@ def build_corpus(cfg: PretrainConfig, seed: int, inputs: PretrainInputs) -> Corp
         notes.append(f"validation: {len(held)} captions of {vcfg.holdout_images} training images held out")
         parts.insert(0, held)
     if len(train) == 0:
-        raise PretrainSetupError(f"pretrain.train_dbs: no caption of {cfg.train_dbs} has an image in "
+        raise PretrainSetupError(f"pretrain.train_dbs: no caption of {cfg.db_names()} has an image in "
                                  f"{img_db.path} outside validation")
+    datasets, weights = {ONE_CORPUS: train}, {ONE_CORPUS: 1.0}
+    if isinstance(cfg.train_dbs, dict):
+        dataset_of_db = np.asarray([name for name, mix in cfg.train_dbs.items() for _ in mix.dbs],
+                                   dtype=object)
+        of_example = dataset_of_db[train.db_index]
+        datasets = {name: train.select(np.flatnonzero(of_example == name)) for name in cfg.train_dbs}
+        weights = {name: mix.weight for name, mix in cfg.train_dbs.items()}
+        empty = [name for name, part in datasets.items() if len(part) == 0]
+        if empty:
+            raise PretrainSetupError(f"pretrain.train_dbs.{empty[0]}: no caption of "
+                                     f"{cfg.train_dbs[empty[0]].dbs} has an image in {img_db.path} outside "
+                                     "validation")
     parts = [p for p in parts if len(p)]
     val = val_lens = None
     if parts:
         val = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         val_lens = (np.concatenate([p.txt_lens for p in parts]), np.concatenate([p.img_lens for p in parts]))
-    return Corpus(train, val, val_lens, retrieval, train.meta, img_dim, label_dim, notes)
+    return Corpus(train, val, val_lens, retrieval, train.meta, img_dim, label_dim, notes, datasets, weights)

@@ -8,9 +8,12 @@ regions, pairs). A micro-batch's loss is rescaled by its share of all targets of
 micro-batches of every worker (one all-reduce of a count), so the step's gradient is that of the mean
 over the global batch, however the batch is split into workers and accumulation steps.
 
+Each step runs one stream of batches, a task on a dataset (``stages.pretrain.data.streams``: the tasks
+themselves on one corpus, ``<task>/<dataset>`` with train_dbs' named form), drawn by the streams' ratios.
 Every seed derives from the root seed: model init ``seed_of(seed, "init")``, batch order
-``seed_of(seed, "batches", task)``, dropout ``seed_of(seed, "dropout", step, rank)``, masks
-``seed_of(seed, "<train|val>/<task>", epoch, batch)``; the task of a step is a keyed hash of (seed, step).
+``seed_of(seed, "batches", stream)``, dropout ``seed_of(seed, "dropout", step, rank)``, masks
+``seed_of(seed, "<train|val>/<stream>", epoch, batch)``, ITM's corpus negatives
+``seed_of(seed, "itm_negatives", stream)``; the stream of a step is a keyed hash of (seed, step).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from stages.outputs.features import FeaturesOutput
 from stages.outputs.txt_db import TxtDbOutput
 from stages.pretrain import checkpointing
 from stages.pretrain.config import PretrainConfig
-from stages.pretrain.data import Corpus, PretrainInputs, build_corpus
+from stages.pretrain.data import Corpus, PretrainInputs, Stream, build_corpus, stream_examples, streams
 from vlp import distributed
 from vlp.data.batching import UnitBatchSampler
 from vlp.data.task_sampler import TaskSampler
@@ -108,8 +111,10 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: Any
     scaler: torch.amp.GradScaler | None
-    samplers: dict[str, UnitBatchSampler]
-    task_sampler: TaskSampler
+    samplers: dict[str, UnitBatchSampler]  # by stream name
+    task_sampler: TaskSampler  # draws a stream per step
+    streams: dict[str, Stream]
+    examples: dict[str, Any]  # each stream's examples (stages.pretrain.data.stream_examples)
     device: torch.device
     autocast: Autocast
     scorer: RetrievalScorer | None
@@ -161,12 +166,14 @@ def setup(spec: LoopSpec) -> Run:
     optimizer, schedule = build_optimizer(model.encoder, model.objectives, cfg.optim, cfg.steps)
     autocast = mixed_precision(runtime.precision, device)
     scaler = autocast.grad_scaler()
-    samplers = {
-        task: UnitBatchSampler(corpus.train.txt_lens, corpus.train.img_lens, cfg.batch_units,
-                               seed=seed_of(spec.seed, "batches", task), rank=rank, world_size=world)
-        for task in sorted(cfg.tasks)
-    }
-    task_sampler = TaskSampler(cfg.tasks, seed=spec.seed)
+    by_name = {stream.name: stream for stream in streams(cfg.tasks, corpus.weights)}
+    examples, samplers = {}, {}
+    for name, stream in by_name.items():
+        examples[name], bound, epoch_img_lens = stream_examples(stream, corpus, cfg, spec.seed)
+        samplers[name] = UnitBatchSampler(examples[name].txt_lens, bound, cfg.batch_units,
+                                          seed=seed_of(spec.seed, "batches", name), rank=rank,
+                                          world_size=world, epoch_img_lens=epoch_img_lens)
+    task_sampler = TaskSampler({name: stream.ratio for name, stream in by_name.items()}, seed=spec.seed)
     step, progress = 0, {}
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -177,8 +184,8 @@ def setup(spec: LoopSpec) -> Run:
         schedule.load_state_dict(state["schedule"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        for task, sampler in samplers.items():
-            sampler.load_state_dict(state["samplers"][task])
+        for name, sampler in samplers.items():
+            sampler.load_state_dict(state["samplers"][name])
         task_sampler.load_state_dict(state["task_sampler"])
         step = int(state["step"])
         log.info("pretrain: rank %d resumes at step %d", rank, step)
@@ -191,10 +198,11 @@ def setup(spec: LoopSpec) -> Run:
     if rank == 0:
         for note in corpus.notes:
             log.info("pretrain: %s", note)
-        log.info("pretrain: %d training captions, %d workers, precision %s, tasks %s", len(corpus.train),
-                 world, autocast.dtype or torch.float32, dict(sorted(cfg.tasks.items())))
+        log.info("pretrain: %d training captions, %d workers, precision %s, streams %s", len(corpus.train),
+                 world, autocast.dtype or torch.float32, {n: s.ratio for n, s in by_name.items()})
     totals = {task: MetricSums(sums) for task, sums in progress.get("totals", {}).items()}
-    return Run(spec, cfg, corpus, model, ddp, optimizer, schedule, scaler, samplers, task_sampler, device,
+    return Run(spec, cfg, corpus, model, ddp, optimizer, schedule, scaler, samplers, task_sampler, by_name,
+               examples, device,
                autocast, scorer, spec.metrics if rank == 0 else MetricLogger(), step, progress, totals=totals)
 
 
@@ -216,15 +224,16 @@ def validate(run: Run, retrieval: bool) -> dict[str, float]:
     return metrics
 
 
-def next_batches(run: Run, task: str) -> list[dict]:
-    if task not in run.iters:
-        prepare = run.model.objectives[task].prepare
-        run.iters[task] = iter(prepared_loader(run.corpus.train, run.samplers[task], prepare, run.seed,
-                                               f"train/{task}", run.pad_id, run.cfg.loader_workers,
+def next_batches(run: Run, stream: Stream) -> list[dict]:
+    name = stream.name
+    if name not in run.iters:
+        prepare = run.model.objectives[stream.task].prepare
+        run.iters[name] = iter(prepared_loader(run.examples[name], run.samplers[name], prepare, run.seed,
+                                               f"train/{name}", run.pad_id, run.cfg.loader_workers,
                                                run.device.type == "cuda"))
-        run.consumed[task] = 0
-    batches = [next(run.iters[task]) for _ in range(run.cfg.grad_accum)]
-    run.consumed[task] += len(batches)
+        run.consumed[name] = 0
+    batches = [next(run.iters[name]) for _ in range(run.cfg.grad_accum)]
+    run.consumed[name] += len(batches)
     return [to_device(b, run.device) for b in batches]
 
 
@@ -236,13 +245,13 @@ def fail(run: Run, task: str, what: str) -> None:
     )
 
 
-def train_step(run: Run, task: str) -> tuple[MetricSums, float, float]:
-    """One optimizer step of ``task``; returns (this worker's sums of the step, gradient norm before clipping,
-    learning rate applied)."""
-    cfg, world = run.cfg, distributed.world_size()
+def train_step(run: Run, stream: Stream) -> tuple[MetricSums, float, float]:
+    """One optimizer step of ``stream``; returns (this worker's sums of the step, gradient norm before
+    clipping, learning rate applied)."""
+    cfg, world, task = run.cfg, distributed.world_size(), stream.task
     objective = run.model.objectives[task]
     weights = loss_weights(cfg)
-    batches = next_batches(run, task)
+    batches = next_batches(run, stream)
     counts = [target_count(objective, b) for b in batches]
     total = float(distributed.all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64)))
     torch.manual_seed(seed_of(run.seed, "dropout", run.step, distributed.rank()))
@@ -288,8 +297,8 @@ def train_step(run: Run, task: str) -> tuple[MetricSums, float, float]:
 def save_checkpoint(run: Run, metrics: dict[str, float]) -> None:
     """Rank 0 writes the checkpoint; every rank reports (Ray Train needs all ranks at each report)."""
     run.task_sampler.step = run.step
-    samplers = {task: (s.state_dict(consumed=run.consumed[task]) if task in run.iters else s.state_dict())
-                for task, s in run.samplers.items()}
+    samplers = {name: (s.state_dict(consumed=run.consumed[name]) if name in run.iters else s.state_dict())
+                for name, s in run.samplers.items()}
     totals = {task: dict(sums.sums) for task, sums in run.totals.items()}
     run.progress = {**run.progress, "step": run.step, "totals": totals}
     with tempfile.TemporaryDirectory(prefix="pretrain-ckpt-") as tmp:
@@ -319,9 +328,10 @@ def train(run: Run) -> None:
     last_metrics: dict[str, float] = {}
     world = distributed.world_size()
     while run.step < cfg.steps:
-        task = run.task_sampler.task(run.step)
+        stream = run.streams[run.task_sampler.task(run.step)]
+        task = stream.task
         start = time.perf_counter()
-        sums, grad_norm, lr = train_step(run, task)
+        sums, grad_norm, lr = train_step(run, stream)
         # Summed over workers when logged: the mean worker's wall time and one step per step.
         sums.count(seconds=(time.perf_counter() - start) / world, steps=1.0 / world)
         windows[task].merge(sums)

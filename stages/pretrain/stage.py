@@ -22,7 +22,7 @@ from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput
 from stages.pretrain import checkpointing
 from stages.pretrain.config import PretrainConfig
-from stages.pretrain.data import Corpus, PretrainInputs, build_corpus
+from stages.pretrain.data import Corpus, PretrainInputs, build_corpus, stream_examples, streams
 from stages.pretrain.loop import LoopSpec, StepEvent, throughput_metrics, train_fn
 from vlp.data.batching import UnitBatchSampler
 from vlp.train.metrics import MetricSums
@@ -44,8 +44,10 @@ def preflight(cfg: PretrainConfig, seed: int, inputs: PretrainInputs) -> Corpus:
         corpus = build_corpus(cfg, seed, inputs)
     except ValueError as err:
         raise StageError(" ".join(str(err).split())) from None
-    train_lens = (corpus.train.txt_lens, corpus.train.img_lens)
-    budgets = [("batch_units", train_lens, cfg.batch_units, cfg.num_workers, True)]
+    budgets = []
+    for stream in streams(cfg.tasks, corpus.weights):  # every stream's batches, at their largest
+        examples, bound, _ = stream_examples(stream, corpus, cfg, seed)
+        budgets.append(("batch_units", (examples.txt_lens, bound), cfg.batch_units, cfg.num_workers, True))
     if corpus.val_lens is not None:
         val_units = cfg.validation.batch_units or cfg.batch_units
         budgets.append(("validation.batch_units", corpus.val_lens, val_units, 1, False))

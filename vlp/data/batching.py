@@ -11,7 +11,7 @@ every rank, so ranks need no communication to agree on it, and resuming only nee
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,9 @@ class UnitBatchSampler(Sampler[list[int]]):
     * Resume: ``state_dict()`` / ``load_state_dict()`` carry (epoch, position in this rank's batch list).
       A DataLoader pulls indices ahead of what the loop has consumed (prefetch); pass the number of
       batches the loop actually took from the current iterator as ``state_dict(consumed=...)``.
+    * ``epoch_img_lens(epoch)``: region counts that change every epoch (ITM's corpus negatives pair a text
+      with another image each epoch); batches of that epoch are packed with them. ``img_lens`` then bounds
+      them (the budget is checked against the bound once, at construction).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class UnitBatchSampler(Sampler[list[int]]):
         shuffle: bool = True,
         even_shards: bool = True,
         infinite: bool = True,
+        epoch_img_lens: Callable[[int], np.ndarray] | None = None,
     ):
         self.txt_lens = np.asarray(txt_lens, dtype=np.int64)
         self.img_lens = np.asarray(img_lens, dtype=np.int64)
@@ -109,6 +113,7 @@ class UnitBatchSampler(Sampler[list[int]]):
         if self.bucket_size < 1:
             raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
         self.shuffle, self.even_shards, self.infinite = shuffle, even_shards, infinite
+        self.epoch_img_lens = epoch_img_lens
         self._order_key = packing_order(self.txt_lens, self.img_lens).argsort()
         self.epoch = 0
         self.position = 0
@@ -116,15 +121,25 @@ class UnitBatchSampler(Sampler[list[int]]):
         self._cache: dict[int, list[list[int]]] = {}
 
     # -- batch lists ---------------------------------------------------------------------------------------
+    def _lengths(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(img_lens, packing order key) of ``epoch``."""
+        if self.epoch_img_lens is None:
+            return self.img_lens, self._order_key
+        img = np.asarray(self.epoch_img_lens(epoch), dtype=np.int64)
+        if img.shape != self.img_lens.shape or (img > self.img_lens).any():
+            raise ValueError(f"epoch {epoch}: epoch_img_lens must be bounded by img_lens, element-wise")
+        return img, packing_order(self.txt_lens, img).argsort()
+
     def _global_batches(self, epoch: int) -> list[np.ndarray]:
         n = len(self.txt_lens)
+        img_lens, order_key = self._lengths(epoch)
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         batches: list[np.ndarray] = []
         for start in range(0, n, self.bucket_size):
             bucket = order[start : start + self.bucket_size]
-            bucket = bucket[np.argsort(self._order_key[bucket], kind="stable")]
-            batches += pack_by_units(bucket, self.txt_lens, self.img_lens, self.max_units)
+            bucket = bucket[np.argsort(order_key[bucket], kind="stable")]
+            batches += pack_by_units(bucket, self.txt_lens, img_lens, self.max_units)
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
         return batches

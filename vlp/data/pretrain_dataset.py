@@ -108,6 +108,11 @@ class PretrainDataset(Dataset):
         """Input units per example: text tokens incl. [CLS]/[SEP] plus regions."""
         return self.txt_lens + self.img_lens
 
+    @property
+    def db_index(self) -> np.ndarray:
+        """Int[E]: which of ``txt_dbs`` each example's text comes from."""
+        return self._db_index
+
     def drop_summary(self) -> list[str]:
         """One line per reason, e.g. ``412 captions dropped (97 images): image not in the feature store``."""
         if not self.dropped:

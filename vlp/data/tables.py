@@ -111,9 +111,10 @@ TASK_VQA = pa.schema(
     [
         ("question_id", pa.int64()),
         ("image_key", pa.string()),
-        ("split", pa.string()),  # "train2014", "val2014"
+        ("split", pa.string()),  # "train2014", "val2014", "test-dev2015"
         ("question", pa.string()),
-        ("answers", pa.list_(pa.string())),  # the 10 human answers, in file order
+        # the 10 human answers, in file order; null (with the next two) for the test splits' questions
+        ("answers", pa.list_(pa.string())),
         ("multiple_choice_answer", pa.string()),
         ("answer_type", pa.string()),  # "yes/no", "number", "other"
     ]

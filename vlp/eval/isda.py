@@ -1,24 +1,29 @@
-"""ISDa: intra-modal self-attention distance with annotation (Ren et al., ACL 2021).
+"""ISDa: intra-modal self-attention distance with annotation (Ren et al., ACL 2021, Section 2, Algorithm 1).
 
-It measures on phrase-box annotations (Flickr30k Entities) how far the relations between phrases in
-the text disagree with the relations between the matching objects in the image, in one layer's
-attention (the last one in the paper) of a matched image-text pair:
+It measures, on phrase-box annotations (Flickr30k Entities), how far the relations between the annotated
+objects in the text disagree with the relations between the same objects in the image, in one layer's
+attention (the last one) of a matched image-text pair. The IAIS repository has no ISDa code; this follows
+the paper's equations:
 
-1. Entities: each annotated phrase i has its text tokens P_i and the detected regions R_i whose
-   box has IoU >= 0.5 with one of the phrase's annotated boxes. Phrases without tokens or without
-   any matching region are left out; a pair needs at least two entities (a 1x1 relation matrix
-   carries no relation), otherwise it has no ISDa.
-2. Phrase relations: for each head, each token x of P_i spreads its attention over the annotated
-   tokens (the union of all P_j, renormalized); A_L[i, j] is the share that lands on P_j, averaged
-   over x in P_i, then over heads. The region relations A_V[i, j] are built the same way from the
-   image->image attention and the R_i. Both are row distributions over the m entities.
-3. ISDa = m-KL(A_L, A_V): the mean over rows of KL(A_L_i || A_V_i) + KL(A_V_i || A_L_i), the same
-   symmetric matrix KL as the IAIS regularizer. Lower means more consistent relations.
+1. Objects (Section 2.1): object i has a linguistic item l_i (its text-block token positions) and a
+   visual item v_i (its region indices). Objects without tokens or without regions are left out; a pair
+   needs at least two objects (a 1 x 1 relation matrix carries no relation), otherwise it has no ISDa.
+2. Intra-modal attention (Eq. 4-6): sigma(S_LL) is the text->text block of the attention with each row
+   renormalized over the block's keys (every real text token, [CLS] and [SEP] included; renormalizing a
+   softmax row over a key subset is the softmax over those keys' scores), sigma(S_VV) the region->region
+   block likewise. Heads are averaged (the paper does not mention heads; the IAIS code averages them).
+3. Cps (Eq. 7): S^(a)_LL[i, j] = (sum over x in l_i, y in l_j of sigma(S_LL)[x, y]) / |l_i|, a column sum
+   and row average of the patch, with no renormalization; S^(a)_VV the same on regions.
+4. m-KL (Eq. 8-9): ISDa = sum over rows i of KL(A_i || B_i) + KL(B_i || A_i), A = S^(a)_LL and B = S^(a)_VV
+   with each row divided by its sum only for the KL (a Cps row is not a distribution: the attention of
+   l_i that lands outside the annotated tokens is not in it). Lower means more consistent relations.
 
-Positions: the attention covers [text block (Lt, padding at its end) ; regions]; phrase tokens are
-positions in the text block, region r sits at position Lt + r. Boxes are [x1, y1, x2, y2] in one
-coordinate frame for regions and annotations (Entities boxes are 0-based pixels: scale normalized
-region boxes by the image size first).
+The paper's visual items are the Entities ground-truth boxes, one region per box (the authors extracted
+features at those boxes: ``generate_tsv_gt.py --split flickr30k_entities``); ``detected_regions`` gives
+the other choice, detected regions matched to an object's boxes by IoU.
+
+Positions: the attention covers [text block (Lt, padding at its end, zero mass) ; regions]; token
+positions index the text block, region r sits at position Lt + r.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from vlp.objectives.iais import symmetric_matrix_kl
+Object = tuple[Sequence[int], Sequence[int]]  # (text-block token positions, region indices)
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -43,71 +48,67 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
 
 
-def phrase_token_positions(word_ids: Sequence[int | None], first_word: int, n_words: int) -> list[int]:
-    """Text-block positions of the tokens of words ``first_word .. first_word + n_words - 1``.
-
-    ``word_ids`` is the tokenizer's token -> word index list over the text block (``None`` for
-    [CLS]/[SEP]), from tokenizing the Entities sentence split on spaces (``is_split_into_words``), so
-    word indices agree with the annotation's ``first_word_index``.
-    """
-    end = first_word + n_words
-    return [pos for pos, w in enumerate(word_ids) if w is not None and first_word <= w < end]
+def detected_regions(region_boxes: Tensor, boxes: Sequence[Sequence[float]], iou_threshold: float = 0.5
+                     ) -> list[int]:
+    """Indices of the regions whose box has IoU >= ``iou_threshold`` with one of ``boxes`` (same frame)."""
+    if not len(boxes) or not len(region_boxes):
+        return []
+    ann = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    return (box_iou(region_boxes, ann) >= iou_threshold).any(1).nonzero().squeeze(1).tolist()
 
 
-def isda(
-    attn: Tensor,
-    txt_len: int,
-    phrase_tokens: Sequence[Sequence[int]],
-    phrase_boxes: Sequence[Sequence[Sequence[float]]],
-    region_boxes: Tensor,
-    iou_threshold: float = 0.5,
-) -> float | None:
-    """ISDa of one matched pair, or None when fewer than two entities are usable.
+def isda(attn: Tensor, txt_len: int, n_regions: int, objects: Sequence[Object]) -> float | None:
+    """ISDa of one matched pair (module docstring), or None when fewer than two objects are usable.
 
-    ``attn``: [heads, T, T] or [T, T] attention probabilities with T >= txt_len + len(region_boxes);
-    ``txt_len``: size of the text block (Lt, padding included); ``phrase_tokens[i]``: text-block
-    positions of phrase i; ``phrase_boxes[i]``: its annotated boxes; ``region_boxes`` [N, 4]: the
-    detected regions, in the image block's order.
+    ``attn``: [heads, T, T] or [T, T] attention probabilities with T >= txt_len + n_regions; ``txt_len``:
+    size of the text block (Lt, padding included); ``objects[i]``: (token positions, region indices).
     """
     attn = attn.detach().cpu().double()  # one pair at a time: CPU double keeps the metric exact
-    region_boxes = region_boxes.detach().cpu().double()
     if attn.dim() == 2:
         attn = attn[None]
     if attn.dim() != 3 or attn.shape[1] != attn.shape[2]:
         raise ValueError(f"isda: attn must be [heads, T, T] or [T, T], got shape {tuple(attn.shape)}")
-    n_regions = region_boxes.shape[0]
-    if region_boxes.dim() != 2 or region_boxes.shape[1] != 4:
-        raise ValueError(f"isda: region_boxes must be [N, 4], got shape {tuple(region_boxes.shape)}")
     if txt_len + n_regions > attn.shape[1]:
-        raise ValueError(
-            f"isda: text block {txt_len} + {n_regions} regions exceed attention size {attn.shape[1]}"
-        )
-    if len(phrase_tokens) != len(phrase_boxes):
-        raise ValueError(f"isda: {len(phrase_tokens)} phrase token lists but {len(phrase_boxes)} box lists")
-
-    token_sets: list[list[int]] = []
-    region_sets: list[list[int]] = []
-    for i, (tokens, boxes) in enumerate(zip(phrase_tokens, phrase_boxes, strict=True)):
+        raise ValueError(f"isda: text block {txt_len} + {n_regions} regions exceed attention size "
+                         f"{attn.shape[1]}")
+    usable = []
+    for i, (tokens, regions) in enumerate(objects):
         bad = [t for t in tokens if not 0 <= t < txt_len]
         if bad:
-            raise ValueError(
-                f"isda: phrase {i} token position {bad[0]} is outside the text block [0, {txt_len})"
-            )
-        if not tokens or not boxes or n_regions == 0:
-            continue
-        ann = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-        matched = (box_iou(region_boxes, ann) >= iou_threshold).any(1).nonzero().squeeze(1)
-        if matched.numel():
-            token_sets.append(sorted(set(tokens)))
-            region_sets.append(matched.tolist())
-    if len(token_sets) < 2:
+            raise ValueError(f"isda: object {i} token position {bad[0]} is outside the text block "
+                             f"[0, {txt_len})")
+        bad = [r for r in regions if not 0 <= r < n_regions]
+        if bad:
+            raise ValueError(f"isda: object {i} region {bad[0]} is outside the {n_regions} regions")
+        if tokens and regions:
+            usable.append((sorted(set(tokens)), sorted(set(regions))))
+    if len(usable) < 2:
         return None
+    s_ll = _intra(attn[:, :txt_len, :txt_len])
+    s_vv = _intra(attn[:, txt_len : txt_len + n_regions, txt_len : txt_len + n_regions])
+    a = cps_matrix(s_ll, [tokens for tokens, _ in usable])
+    b = cps_matrix(s_vv, [regions for _, regions in usable])
+    return matrix_kl_sum(a, b)
 
-    a_l = _relations(attn[:, :txt_len, :txt_len], token_sets)
-    a_v = _relations(attn[:, txt_len : txt_len + n_regions, txt_len : txt_len + n_regions], region_sets)
-    m = len(token_sets)
-    full = torch.ones(1, m, dtype=torch.bool)
-    return symmetric_matrix_kl(a_l[None], a_v[None], full, full, eps=1e-12).item()
+
+def _intra(block: Tensor) -> Tensor:
+    """sigma of an intra-modal block [H, S, S]: rows renormalized over the block's keys, heads averaged."""
+    block = block / block.sum(-1, keepdim=True).clamp_min(1e-300)
+    return block.mean(0)
+
+
+def cps_matrix(attn: Tensor, groups: Sequence[Sequence[int]]) -> Tensor:
+    """[m, m] with entry (i, j) = Cps(Ext(attn, g_i, g_j)): the patch's sum over rows g_i and columns g_j,
+    divided by |g_i| (Eq. 7)."""
+    return torch.stack([torch.stack([attn[gi][:, gj].sum() / len(gi) for gj in groups]) for gi in groups])
+
+
+def matrix_kl_sum(a: Tensor, b: Tensor) -> float:
+    """m-KL (Eq. 8): sum over rows of KL(a_i || b_i) + KL(b_i || a_i), each row divided by its sum first."""
+    a = a / a.sum(-1, keepdim=True).clamp_min(1e-300)
+    b = b / b.sum(-1, keepdim=True).clamp_min(1e-300)
+    tiny = 1e-300
+    return float(((a - b) * (a.clamp_min(tiny).log() - b.clamp_min(tiny).log())).sum())
 
 
 def isda_summary(values: Iterable[float | None]) -> dict[str, float]:
@@ -119,18 +120,3 @@ def isda_summary(values: Iterable[float | None]) -> dict[str, float]:
         "isda_pairs": float(len(scored)),
         "isda_skipped": float(len(values) - len(scored)),
     }
-
-
-def _relations(attn: Tensor, groups: list[list[int]]) -> Tensor:
-    """[H, S, S] attention within one modality -> [m, m] group-to-group relation distribution."""
-    union = sorted({p for g in groups for p in g})
-    index = {p: k for k, p in enumerate(union)}
-    sub = attn[:, union][:, :, union]  # [H, U, U]
-    sub = sub / sub.sum(-1, keepdim=True).clamp_min(1e-300)
-    member = torch.zeros(len(union), len(groups), dtype=sub.dtype)  # [U, m] one-hot membership
-    for j, g in enumerate(groups):
-        member[[index[p] for p in g], j] = 1.0
-    to_group = sub @ member  # [H, U, m]: each position's share of attention per group
-    rows = torch.stack([to_group[:, [index[p] for p in g]].mean(1) for g in groups], dim=1)  # [H, m, m]
-    rows = rows.mean(0)
-    return rows / rows.sum(-1, keepdim=True).clamp_min(1e-300)

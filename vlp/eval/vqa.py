@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 _PUNCT = ';/[]"{}()=+\\_-><@`,?!'  # one character each, in the official order
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
@@ -133,16 +134,35 @@ def build_answer_vocab(answers: Iterable[str], min_count: int = 9) -> dict[str, 
     return {a: i for i, a in enumerate(kept)}
 
 
-def answer_score(n_humans: int) -> float:
-    """Soft target of an answer given by ``n_humans`` of the 10 annotators: min(1, n / 3)."""
-    return min(1.0, n_humans / 3)
+# Soft target of an answer given by n of the 10 annotators, n = 0, 1, 2, 3, >= 4. UNITER (appendix, VQA)
+# "follows [57]" (MCAN) for the 3,129 candidates and their soft scores; these are MCAN's / openvqa's steps
+# (also hengyuan-hu/bottom-up-attention-vqa ``compute_softscore.py`` ``get_score``).
+MCAN_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)
+SoftScore = Literal["mcan", "linear"]
 
 
-def soft_targets(human_answers: Sequence[str], ans2label: dict[str, int]) -> tuple[list[int], list[float]]:
+def answer_score(n_humans: int, rule: SoftScore = "mcan") -> float:
+    """Soft target of an answer given by ``n_humans`` of the 10 annotators.
+
+    ``mcan`` (default, UNITER's): 0 / 0.3 / 0.6 / 0.9 / 1.0 for 0 / 1 / 2 / 3 / >= 4 humans. ``linear``:
+    min(1, n / 3), the accuracy formula of one leave-none-out subset (VQA's own definition of a correct
+    answer, used as targets by Pythia-style code).
+    """
+    if n_humans < 0:
+        raise ValueError(f"answer_score: n_humans must be >= 0, got {n_humans}")
+    if rule == "mcan":
+        return MCAN_SCORES[min(n_humans, len(MCAN_SCORES) - 1)]
+    if rule == "linear":
+        return min(1.0, n_humans / 3)
+    raise ValueError(f"answer_score: unknown rule {rule!r} (mcan, linear)")
+
+
+def soft_targets(human_answers: Sequence[str], ans2label: dict[str, int],
+                 rule: SoftScore = "mcan") -> tuple[list[int], list[float]]:
     """(labels, scores) of the in-vocabulary answers among the human answers, labels ascending.
 
     Answers are normalized like the vocabulary; out-of-vocabulary answers get no target.
     """
     counts = Counter(normalize_answer(a) for a in human_answers)
-    labelled = sorted((ans2label[a], answer_score(c)) for a, c in counts.items() if a in ans2label)
+    labelled = sorted((ans2label[a], answer_score(c, rule)) for a, c in counts.items() if a in ans2label)
     return [label for label, _ in labelled], [score for _, score in labelled]

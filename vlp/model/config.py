@@ -37,6 +37,9 @@ class UniterConfig(BaseModel):
     layer_norm_eps: float = Field(1e-12, gt=0.0)
     img_dim: int = Field(2048, gt=0)  # region feature size: 2048 for BUTD Faster R-CNN, 512 for the demo
     pos_dim: int = Field(7, gt=0)  # [x1, y1, x2, y2, w, h, w*h], normalised by the image size
+    # A masked region's feature: zeros (the UNITER paper, Section 3.1) or zeros plus a learned img_dim vector
+    # (the official code's mask_embedding, model/model.py UniterImageEmbeddings).
+    img_mask_embedding: bool = False
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> UniterConfig:

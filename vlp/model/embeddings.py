@@ -34,10 +34,17 @@ class TextEmbeddings(nn.Module):
 
 
 class ImageEmbeddings(nn.Module):
-    """LN(FC(region feature)) + LN(FC(7-d box)) + modality type, LayerNorm, dropout (UNITER's embedder)."""
+    """LN(FC(region feature)) + LN(FC(7-d box)) + modality type, LayerNorm, dropout (UNITER's embedder).
+
+    A region masked for MRM gets a zero feature (the paper); with ``config.img_mask_embedding`` a learned
+    vector is added to it (the official code: ``nn.Embedding(2, img_dim, padding_idx=0)`` looked up with
+    the mask, row 0 zero and never updated).
+    """
 
     def __init__(self, config: UniterConfig) -> None:
         super().__init__()
+        self.mask_embedding = (nn.Embedding(2, config.img_dim, padding_idx=0) if config.img_mask_embedding
+                               else None)
         self.img_linear = nn.Linear(config.img_dim, config.hidden_size)
         self.img_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pos_linear = nn.Linear(config.pos_dim, config.hidden_size)
@@ -56,6 +63,8 @@ class ImageEmbeddings(nn.Module):
         if img_masked is not None:
             # Masked region modelling: the model must not see a masked region's feature, only its box.
             img_feat = img_feat.masked_fill(img_masked.unsqueeze(-1), 0.0)
+            if self.mask_embedding is not None:
+                img_feat = img_feat + self.mask_embedding(img_masked.long()).to(img_feat.dtype)
         embeddings = self.img_layer_norm(self.img_linear(img_feat)) + self.pos_layer_norm(
             self.pos_linear(img_pos_feat)
         )

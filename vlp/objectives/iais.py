@@ -13,17 +13,36 @@ keys' logits, which is how the reference implementation computes the blocks.
 
 Mirrors (a = anchor):
 * singular: every anchor token is mapped to its most attended token of the other modality
-  (argmax of S_LV for words, of S_VL for regions), and the mirror of the anchor's self-attention is
-  the other modality's self-attention read at the mapped positions, ``S_VV[m(i), m(j)]``,
-  renormalized over j (a softmax over the gathered logits, per head before averaging). The argmax
-  is not differentiable; gradients reach the gathered attention.
-* distributed: soft mapping through the inter-modal attention, text mirror ``S_LV @ S_VL`` and
-  image mirror ``S_VL @ S_LV`` (the paper's sigma(S_LV) sigma(S_VL)); rows stay distributions.
+  (argmax of the head-averaged S_LV for words, of S_VL for regions; Algorithm 2), and the mirror is the
+  other modality's self-attention read at the mapped positions, ``S_VV[m(i), m(j)]``, made a row
+  distribution over j by ``singular_mirror``:
 
-Distance: ``m-KL(P, Q) = mean over real rows i of KL(P_i || Q_i) + KL(Q_i || P_i)``; the loss is the
-mean over positive pairs, summed over the active anchors (the reference code alternates the text
-and image anchor on its two hard-negative batches of a step, i.e. it also adds both per step).
-Gradients flow into both sides, so the two modalities calibrate each other.
+  - ``scores`` (default; the paper, Eq. 10-11: sigma(S^(s)), a softmax over the gathered attention
+    *scores*): per head, softmax_j of the scores s[m(i), m(j)], then averaged over heads. Within one row
+    a softmax's log-probabilities are the scores minus one constant, so this is the softmax of the
+    gathered log-probabilities, i.e. the gathered probabilities of each head renormalized over j.
+  - ``probabilities`` (the official code, lancopku/IAIS ``model/model.py`` ``iais_singular``:
+    ``Softmax(img_attn[rows, cols])``): a softmax over the gathered head-averaged *probabilities*, used as
+    logits. Probabilities lie in [0, 1], so these targets are nearly uniform (METHODS.md, IAIS Table 2).
+
+  The argmax is not differentiable; gradients reach the gathered attention.
+* distributed: soft mapping through the inter-modal attention, text mirror ``S_LV @ S_VL`` and
+  image mirror ``S_VL @ S_LV`` (the paper's sigma(S_LV) sigma(S_VL), Eq. 12); rows stay distributions.
+
+Distance: ``m-KL(P, Q) = mean over real rows i of KL(P_i || Q_i) + KL(Q_i || P_i)``: the official code's
+``KLDivLoss(reduction="batchmean")`` on one pair's [rows, cols] matrices (the paper's Eq. 8 writes a sum
+over rows; ISDa, ``vlp.eval.isda``, follows the paper). The per-pair distances are reduced over the
+positive pairs by ``positives``:
+
+  - ``mean`` (default): the paper's Eq. 15 adds L_IAIS to the margin loss of Eq. 14 with the same
+    reduction over positives, so lambda_t weighs one against the other; here both are means.
+  - ``sum``: the official code (``train_itm_hard_negatives.py``) divides the rank loss by the positives
+    of a step (``train_batch_size``, 8) but adds every positive's IAIS loss as it is: the effective
+    weight is (positives per step) x lambda_t.
+
+Both anchors' distances are added (the reference code alternates the text and image anchor on its two
+hard-negative batches of a step, i.e. it also adds both per step). Gradients flow into both sides, so the
+two modalities calibrate each other.
 
 The loss is unweighted; the training loop multiplies it by ``weight(step, total)``, the annealing
 schedule (the paper uses ``exp``: lambda_t = exp((t/T - 1) * gamma) with gamma = 5).
@@ -45,6 +64,12 @@ class IAISConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     variant: Literal["singular", "distributed"] = "singular"
+    # singular mirror's row distribution: the paper's softmax over gathered scores, or the official code's
+    # softmax over gathered head-averaged probabilities (see the module docstring)
+    singular_mirror: Literal["scores", "probabilities"] = "scores"
+    # reduction over the positive pairs: mean (the paper's weighting against the margin loss) or sum (the
+    # official code: weight x positives per step)
+    positives: Literal["mean", "sum"] = "mean"
     anchors: tuple[Anchor, ...] = ("text", "image")
     schedule: Literal["exp", "linear", "log", "constant"] = "exp"
     gamma: float = Field(5.0, gt=0)  # steepness of the exp / log schedules
@@ -107,16 +132,21 @@ class IAISLoss(nn.Module):
         return schedule_weight(self.config.schedule, step, total, self.config.gamma)
 
     def forward(
-        self, attn: Tensor, txt_mask: Tensor, img_mask: Tensor, positives: Tensor
+        self, attn: Tensor, txt_mask: Tensor, img_mask: Tensor, positives: Tensor,
+        anchors: tuple[Anchor, ...] | None = None,
     ) -> dict[str, Tensor]:
         """``attn`` [B, heads, Lt+N, Lt+N] probabilities; masks Bool [B, Lt] / [B, N] (True = real);
-        ``positives`` Bool [B], the matched pairs (only they are regularized).
+        ``positives`` Bool [B], the matched pairs (only they are regularized); ``anchors``: some of the
+        configured anchors only (None: all of them).
 
         Returns ``iais_loss`` (scalar, differentiable) and the detached per-anchor distance
         ``iais_kl_text`` / ``iais_kl_image`` for logging.
         """
         _check_inputs(attn, txt_mask, img_mask, positives)
         cfg = self.config
+        anchors = cfg.anchors if anchors is None else anchors
+        if not set(anchors) <= set(cfg.anchors):
+            raise ValueError(f"IAISLoss: anchors {anchors} are not among the configured {cfg.anchors}")
         zero = attn.sum() * 0.0  # keeps the graph (and DDP's used-parameter bookkeeping) intact
         lt = txt_mask.shape[1]
         words = _word_mask(txt_mask, cfg.drop_cls_sep)
@@ -125,7 +155,7 @@ class IAISLoss(nn.Module):
         out: dict[str, Tensor] = {}
         if not keep.any():
             out["iais_loss"] = zero
-            for anchor in cfg.anchors:
+            for anchor in anchors:
                 out[f"iais_kl_{anchor}"] = zero.detach()
             return out
 
@@ -137,28 +167,39 @@ class IAISLoss(nn.Module):
         s_vv = _block(a[:, :, lt:, lt:], regions)
 
         total = zero
-        for anchor in cfg.anchors:
+        for anchor in anchors:
             if anchor == "text":
-                own, own_mask, mirror = s_ll, words, self._mirror(s_lv, s_vl, s_vv, regions, words)
+                own, own_mask = s_ll, words
+                mirror = self._mirror(s_lv, s_vl, s_vv, a[:, :, lt:, lt:], regions, words)
             else:
-                own, own_mask, mirror = s_vv, regions, self._mirror(s_vl, s_lv, s_ll, words, regions)
-            kl = symmetric_matrix_kl(own, mirror, own_mask, own_mask, cfg.eps).mean()
-            total = total + kl
-            out[f"iais_kl_{anchor}"] = kl.detach()
+                own, own_mask = s_vv, regions
+                mirror = self._mirror(s_vl, s_lv, s_ll, a[:, :, :lt, :lt], words, regions)
+            per_pair = symmetric_matrix_kl(own, mirror, own_mask, own_mask, cfg.eps)
+            total = total + (per_pair.sum() if cfg.positives == "sum" else per_pair.mean())
+            out[f"iais_kl_{anchor}"] = per_pair.mean().detach()  # logged as a mean whatever the reduction
         out["iais_loss"] = total
         return out
 
-    def _mirror(
-        self, to_other: Tensor, from_other: Tensor, other_self: Tensor, other_mask: Tensor, own_mask: Tensor
-    ) -> Tensor:
-        """Mirror of the anchor's self-attention [B, A, A] built from the other modality."""
+    def _mirror(self, to_other: Tensor, from_other: Tensor, other_self: Tensor, other_heads: Tensor,
+                other_mask: Tensor, own_mask: Tensor) -> Tensor:
+        """Mirror [B, A, A] of the anchor's self-attention built from the other modality. ``other_self`` is
+        the other modality's block (heads averaged, rows renormalized), ``other_heads`` [B, H, O, O] its raw
+        per-head probabilities."""
         if self.config.variant == "distributed":
             return to_other @ from_other
         # singular: hard map each anchor token to its most attended real token of the other modality
         target = to_other.masked_fill(~other_mask[:, None, :], float("-inf")).argmax(-1)  # [B, A]
         batch = torch.arange(target.shape[0], device=target.device)[:, None, None]
-        gathered = other_self[batch, target[:, :, None], target[:, None, :]] * own_mask[:, None, :]
-        return gathered / gathered.sum(-1, keepdim=True).clamp_min(torch.finfo(gathered.dtype).tiny)
+        rows, cols = target[:, :, None], target[:, None, :]
+        padding = ~own_mask[:, None, :]  # the anchor's padded columns take no mass
+        if self.config.singular_mirror == "probabilities":
+            logits = other_self[batch, rows, cols].masked_fill(padding, float("-inf"))
+            return logits.softmax(-1)
+        # scores: per head, the gathered scores up to a per-row constant (log-probabilities), softmaxed
+        log_probs = other_heads.clamp_min(torch.finfo(other_heads.dtype).tiny).log()
+        heads = torch.arange(other_heads.shape[1], device=target.device)[None, :, None, None]
+        gathered = log_probs[batch[:, :, :, None], heads, rows[:, None], cols[:, None]]  # [B, H, A, A]
+        return gathered.masked_fill(padding[:, None], float("-inf")).softmax(-1).mean(1)
 
 
 def _block(attn: Tensor, key_mask: Tensor) -> Tensor:

@@ -1,9 +1,16 @@
 """Image-text matching on the pooled [CLS] output, with word-region alignment (WRA) by optimal transport.
 
-Negatives are made inside the batch: about half of the examples get the image of another example whose
-image key differs, so a negative pair is never secretly a positive one.
+Negatives: each example becomes a negative with probability ``neg_prob`` by getting another image. Two
+sources (``pretrain.itm_negatives``):
+
+* ``corpus`` (default; UNITER's ``ItmDataset``, data/itm.py, and the paper's "randomly-selected one from other
+  samples"): any other image of the example's text db, redrawn every epoch (``corpus_negatives``); the data
+  loader swaps the image and sets ``itm_targets`` before ``prepare``, which then leaves the batch as it is.
+* ``batch``: ``prepare`` gives the example the image of another example of the batch whose image key differs
+  (``sample_negatives``), so a negative pair is never secretly a positive one.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,8 +43,32 @@ def sample_negatives(
     return source, (~negative).long()
 
 
-def word_positions(txt_mask: Tensor) -> Tensor:
-    """txt_mask without [CLS] (position 0) and [SEP] (the last real position): the words WRA aligns."""
+def corpus_negatives(own: np.ndarray, pool: np.ndarray, neg_prob: float,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(partner [E], targets [E]) for E examples: example i keeps its image ``own[i]`` (target 1) or, with
+    probability ``neg_prob``, gets an image drawn uniformly from the other images of its pool ``pool[i]``
+    (the images ``own`` holds for that pool's examples; target 0). A pool of one image gives no negative."""
+    own, pool = np.asarray(own, dtype=np.int64), np.asarray(pool, dtype=np.int64)
+    partner, targets = own.copy(), np.ones(len(own), dtype=np.int64)
+    negative = rng.random(len(own)) < neg_prob
+    for p in np.unique(pool):
+        images = np.unique(own[pool == p])
+        rows = np.flatnonzero(negative & (pool == p))
+        if len(images) < 2 or not len(rows):
+            continue
+        draw = rng.integers(0, len(images) - 1, len(rows))  # over the pool minus the own image
+        position = np.searchsorted(images, own[rows])
+        partner[rows] = images[draw + (draw >= position)]
+        targets[rows] = 0
+    return partner, targets
+
+
+def word_positions(txt_mask: Tensor, cls_sep: bool = False) -> Tensor:
+    """The text positions WRA aligns: the words, txt_mask without [CLS] (position 0) and [SEP] (the last
+    real position), as the paper's OT between words w and regions v; with ``cls_sep`` every real text
+    position (the official code's OT masks only padding: itm_ot_collate's txt_pad)."""
+    if cls_sep:
+        return txt_mask.clone()
     words = txt_mask.clone()
     words[:, 0] = False
     last = (txt_mask.sum(dim=1) - 1).clamp_min(0)
@@ -72,6 +103,7 @@ class ITM(nn.Module):
         wra: bool = True,
         wra_beta: float = 0.5,
         wra_iters: int = 50,
+        wra_cls_sep: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= neg_prob <= 1.0:
@@ -82,10 +114,13 @@ class ITM(nn.Module):
         self.wra = wra
         self.wra_beta = wra_beta
         self.wra_iters = wra_iters
+        self.wra_cls_sep = wra_cls_sep
         self.head = nn.Linear(model.config.hidden_size, 2)
         init_head_weights(self.head, model.config.initializer_range)
 
     def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        if "itm_targets" in batch:  # corpus negatives: the loader already swapped the images
+            return batch
         source, targets = sample_negatives(batch["img_keys"], self.neg_prob, generator)
         out = dict(batch)
         for field in IMAGE_FIELDS:
@@ -104,8 +139,7 @@ class ITM(nn.Module):
             # OT in fp32 even under autocast: exp(-cost / beta) and the scalings lose too much in bf16.
             with torch.autocast(device_type=sequence.device.type, enabled=False):
                 cost = cosine_cost(sequence[:, :text_len].float(), sequence[:, text_len:].float())
-                distance = ot_distance(
-                    cost, word_positions(batch["txt_mask"]), batch["img_mask"], self.wra_beta, self.wra_iters
-                )
+                words = word_positions(batch["txt_mask"], self.wra_cls_sep)
+                distance = ot_distance(cost, words, batch["img_mask"], self.wra_beta, self.wra_iters)
             result["wra_loss"] = wra_loss(distance, targets)
         return result

@@ -1,5 +1,13 @@
 """Masked region classification against the detector's labels: MRC (cross-entropy to the argmax object
-class, background excluded) and MRC-kl (KL divergence to the full soft-label distribution)."""
+class, background excluded) and MRC-kl (KL divergence to the full soft-label distribution).
+
+MRC-kl's reduction (``kl_norm``): ``region`` (default, the UNITER paper, Section 3.2: the KL of each masked
+region's distribution, averaged over the regions) or ``element`` (the official code, model/pretrain.py
+``forward_mrc``: ``kl_div(reduction="none")`` then ``.mean()`` over regions x classes, i.e. the per-region KL
+divided by C+1).
+"""
+
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,12 +26,18 @@ def mrc_loss(logits: Tensor, soft_labels: Tensor) -> dict[str, Tensor]:
     return {"mrc_loss": loss, **accuracy_counts("mrc", logits[:, 1:].argmax(dim=-1) + 1, targets)}
 
 
-def mrc_kl_loss(logits: Tensor, soft_labels: Tensor) -> dict[str, Tensor]:
-    """KL(soft_labels || softmax(logits)) summed over the C+1 classes, averaged over the masked regions;
-    accuracy compares the argmax over all C+1 classes (UNITER's validation)."""
+KlNorm = Literal["region", "element"]
+
+
+def mrc_kl_loss(logits: Tensor, soft_labels: Tensor, kl_norm: KlNorm = "region") -> dict[str, Tensor]:
+    """KL(soft_labels || softmax(logits)) summed over the C+1 classes, averaged over the masked regions
+    (``element``: also divided by C+1); accuracy compares the argmax over all C+1 classes (UNITER's
+    validation)."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
     soft_labels = soft_labels.float()
     loss = F.kl_div(log_probs, soft_labels, reduction="sum") / max(soft_labels.size(0), 1)
+    if kl_norm == "element":
+        loss = loss / soft_labels.size(-1)
     return {
         "mrc_kl_loss": loss,
         **accuracy_counts("mrc_kl", log_probs.argmax(dim=-1), soft_labels.argmax(dim=-1)),
@@ -62,5 +76,11 @@ class MRC(_RegionClassifier):
 
 
 class MRCKL(_RegionClassifier):
+    def __init__(self, model: UniterModel, *, label_dim: int, kl_norm: KlNorm = "region", **options) -> None:
+        super().__init__(model, label_dim=label_dim, **options)
+        if kl_norm not in ("region", "element"):
+            raise ValueError(f"MRC-kl kl_norm must be 'region' or 'element', got {kl_norm!r}")
+        self.kl_norm = kl_norm
+
     def forward(self, model: UniterModel, batch: dict) -> dict[str, Tensor]:
-        return mrc_kl_loss(*self.region_logits(model, batch))
+        return mrc_kl_loss(*self.region_logits(model, batch), self.kl_norm)

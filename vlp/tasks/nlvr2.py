@@ -3,7 +3,8 @@
 * ``triplet``: one sequence [text ; left regions ; right regions], a linear classifier on the pooled [CLS];
 * ``pair``: two sequences [text ; left] and [text ; right], a linear classifier on both pooled [CLS];
 * ``pair_biattn``: pair, plus cross-attention between the two sequences' outputs in both directions, then
-  attention pooling of each (UNITER's best variant).
+  attention pooling of each (UNITER's best variant; ``options.pool``: UNITER's ReLU-scored pool with
+  dropout on its weights, or a plain linear score).
 
 In every variant the left image's regions have type id 1 and the right image's type id 2, as UNITER does,
 so that a statement about "the left image" can be grounded; the encoder's type table is grown to three rows
@@ -42,6 +43,9 @@ _LEFT, _RIGHT = 1, 2
 
 class NLVR2Options(TaskOptions):
     variant: Variant = "pair_biattn"
+    # pair_biattn's attention pooling: official = UNITER's AttentionPool (model/nlvr2.py: Linear(H, 1) + ReLU
+    # scores, dropout on the softmax weights; the paper does not describe it); linear = Linear(H, 1) scores.
+    pool: Literal["official", "linear"] = "official"
 
 
 def expand_type_embeddings(model: UniterModel, size: int = NUM_TYPES) -> None:
@@ -111,22 +115,29 @@ class NLVR2Dataset(TaskDataset):
 
 
 class AttentionPool(nn.Module):
-    """Softmax-weighted sum of a sequence's real positions, the weights scored by a linear layer."""
+    """Softmax-weighted sum of a sequence's real positions, the weights scored by a linear layer; with
+    ``relu`` the scores pass a ReLU and ``dropout`` drops softmax weights in training (UNITER's
+    ``AttentionPool``, model/nlvr2.py)."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, relu: bool = False, dropout: float = 0.0):
         super().__init__()
         self.score = nn.Linear(hidden_size, 1)
+        self.relu, self.dropout = relu, dropout
 
     def forward(self, sequence: Tensor, mask: Tensor) -> Tensor:
-        scores = self.score(sequence).squeeze(-1).float().masked_fill(~mask, torch.finfo(torch.float32).min)
-        return torch.einsum("bt,btd->bd", scores.softmax(dim=1).to(sequence.dtype), sequence)
+        scores = self.score(sequence).squeeze(-1).float()
+        if self.relu:
+            scores = scores.relu()
+        weights = scores.masked_fill(~mask, torch.finfo(torch.float32).min).softmax(dim=1)
+        weights = F.dropout(weights, self.dropout, self.training)
+        return torch.einsum("bt,btd->bd", weights.to(sequence.dtype), sequence)
 
 
 class BiAttention(nn.Module):
     """UNITER's pair-biattn block: each sequence attends over the other, the result is fused with the
     sequence itself (Linear(2H, H) - ReLU) and attention-pooled; returns [left pooled ; right pooled]."""
 
-    def __init__(self, config: UniterConfig):
+    def __init__(self, config: UniterConfig, pool: Literal["official", "linear"] = "official"):
         super().__init__()
         hidden, heads = config.hidden_size, config.num_attention_heads
         dropout = config.attention_probs_dropout_prob
@@ -135,7 +146,8 @@ class BiAttention(nn.Module):
         self.fuse = nn.Sequential(
             nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Dropout(config.hidden_dropout_prob)
         )
-        self.pool = AttentionPool(hidden)
+        official = pool == "official"
+        self.pool = AttentionPool(hidden, relu=official, dropout=dropout if official else 0.0)
 
     def forward(self, left: Tensor, left_mask: Tensor, right: Tensor, right_mask: Tensor) -> Tensor:
         from_right, _ = self.left_to_right(left, right, right, key_padding_mask=~right_mask,
@@ -156,7 +168,7 @@ class NLVR2(TaskHead):
         self.variant: Variant = self.options.variant
         hidden = encoder_config.hidden_size
         if self.variant == "pair_biattn":
-            self.biattn = BiAttention(encoder_config)
+            self.biattn = BiAttention(encoder_config, self.options.pool)
         self.classifier = nn.Linear(hidden if self.variant == "triplet" else 2 * hidden, 2)
         init_head_weights(self, encoder_config.initializer_range)
 

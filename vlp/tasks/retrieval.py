@@ -8,7 +8,16 @@ the current model scores them without gradients (eval mode: no dropout), the ``h
 highest-scoring ones of each side are kept, and the loss is the hinge
 
     mean_j max(0, margin + sigmoid(s(t, i_j^-)) - sigmoid(s(t, i)))      (text anchor, image negatives)
-  + mean_j max(0, margin + sigmoid(s(t_j^-, i)) - sigmoid(s(t, i)))      (image anchor, text negatives)
+  + mean_j max(0, margin + sigmoid(s(t'_j^-, i')) - sigmoid(s(t', i')))  (image anchor, text negatives)
+
+``sides``: ``shared`` (the IAIS paper, Section 4.2: "for each positive instance, 31 hard negative instances
+are sampled on the text and image side") anchors both sides on one positive, (t', i') = (t, i); ``separate``
+(the official code, ``train_itm_hard_negatives.py``: one loader of texts with candidate images and an
+independent one of images with candidate texts) draws the image side's positive (t', i') independently,
+uniformly over the split. The official recipe is 399 candidates, the 31 hardest per side, 8 positives per
+step (``train-itm-flickr-base-8gpu-hn.json``): ``neg_samples``, ``hard_negatives`` and the finetuning config's
+``positives_per_step``. With IAIS, the text anchor regularizes the text side's positives and the image
+anchor the image side's (the same pairs when shared).
 
 (UNITER applies the hinge to sigmoid scores, so the margin is on a [0, 1] scale). Hardest negatives need a
 model that already ranks: from a random start the cheapest way down is one score for every pair (loss
@@ -29,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,12 +49,13 @@ from torch.utils.data import Dataset
 from vlp.data.collate import collate
 from vlp.data.img_db import ImgDb
 from vlp.data.pretrain_dataset import ImageTextIndex, PretrainDataset, TxtDbLike
-from vlp.eval.isda import isda
+from vlp.eval.isda import detected_regions, isda
 from vlp.model import UniterConfig, UniterModel
 from vlp.objectives.common import init_head_weights
 from vlp.objectives.iais import IAISConfig, IAISLoss
 
 ITM_HEAD = "itm.head"  # prefix of the ITM head's parameters in the pretrain stage's heads.pt
+Sides = Literal["shared", "separate"]
 Autocast = Callable[[], AbstractContextManager]
 TEXT_FIELDS = ("input_ids", "position_ids", "txt_mask")
 IMAGE_FIELDS = ("img_feat", "img_pos_feat", "img_mask")
@@ -91,12 +101,16 @@ class Retrieval(nn.Module):
     metric = "r_mean"  # of vlp.eval.retrieval.recall_at_k, on the validation split
 
     def __init__(self, encoder_config: UniterConfig, *, margin: float = 0.2, hard_negatives: int = 1,
-                 iais: IAISConfig | Mapping[str, Any] | None = None, iais_weight: float = 1.0):
+                 iais: IAISConfig | Mapping[str, Any] | None = None, iais_weight: float = 1.0,
+                 sides: Sides = "shared"):
         super().__init__()
         if margin < 0 or hard_negatives < 1 or iais_weight < 0:
             raise ValueError(f"Retrieval: margin {margin} and iais_weight {iais_weight} must be >= 0 and "
                              f"hard_negatives {hard_negatives} >= 1")
+        if sides not in ("shared", "separate"):
+            raise ValueError(f"Retrieval: sides must be 'shared' or 'separate', got {sides!r}")
         self.margin, self.hard_negatives, self.iais_weight = float(margin), int(hard_negatives), iais_weight
+        self.sides = sides
         self.rank = nn.Linear(encoder_config.hidden_size, 1)
         init_head_weights(self.rank, encoder_config.initializer_range)
         if iais is not None and not isinstance(iais, IAISConfig):
@@ -134,13 +148,13 @@ class Retrieval(nn.Module):
     @torch.no_grad()
     def _mine(self, model: UniterModel, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Indices [B * k] into the candidate images and into the candidate texts: the k hardest negatives
-        of each positive, positive by positive."""
+        of each positive, positive by positive (the image side's positives: ``image_side``)."""
         n = int(batch["neg_samples"])
         b, device = batch["input_ids"].shape[0], batch["input_ids"].device
         anchors = torch.arange(b, device=device).repeat_interleave(n)
         candidates = torch.arange(b * n, device=device)
         with_images = pair_batch(batch, _negatives(batch, "img"), anchors, candidates)
-        with_texts = pair_batch(_negatives(batch, "txt"), batch, candidates, anchors)
+        with_texts = pair_batch(_negatives(batch, "txt"), image_side(batch), candidates, anchors)
         with evaluating(model):
             img_scores, _ = self.score(model, with_images)
             txt_scores, _ = self.score(model, with_texts)
@@ -153,24 +167,35 @@ class Retrieval(nn.Module):
         if not batch.get("neg_samples"):
             raise ValueError("Retrieval.forward needs a training batch with negative candidates "
                              "(RetrievalDataset with neg_samples > 0)")
+        separate = "side_input_ids" in batch
+        if separate != (self.sides == "separate"):
+            raise ValueError(f"Retrieval head with sides={self.sides!r} got a batch "
+                             f"{'with' if separate else 'without'} separate image-side positives")
         hard_img, hard_txt = self._mine(model, batch)
         b = batch["input_ids"].shape[0]
         k = hard_img.numel() // b
-        # One pass over [positives ; text with hard images ; hard texts with image]: text rows index the
-        # positives' texts then the candidate texts, image rows the positives' images then the candidates.
-        texts = {key: _pad_cat([batch[key], batch[f"neg_{key}"]]) for key in TEXT_FIELDS}
-        images = {key: _pad_cat([batch[key], batch[f"neg_{key}"]]) for key in IMAGE_FIELDS}
+        # One pass over [positives ; text with hard images ; (image-side positives ;) hard texts with the
+        # image-side image]: text rows index the positives' texts, the candidate texts, then the image side's
+        # texts; image rows the positives' images, the candidates, then the image side's images.
+        parts = [batch, _prefixed(batch, "neg_"), *([image_side(batch)] if separate else [])]
+        texts = {key: _pad_cat([part[key] for part in parts]) for key in TEXT_FIELDS}
+        images = {key: _pad_cat([part[key] for part in parts]) for key in IMAGE_FIELDS}
         own = torch.arange(b, device=hard_img.device)
-        txt_rows = torch.cat([own, own.repeat_interleave(k), b + hard_txt])
-        img_rows = torch.cat([own, b + hard_img, own.repeat_interleave(k)])
+        side_rows = b + batch["neg_input_ids"].shape[0] + own if separate else own
+        side_pairs = [side_rows] if separate else []
+        txt_rows = torch.cat([own, own.repeat_interleave(k), *side_pairs, b + hard_txt])
+        img_rows = torch.cat([own, b + hard_img, *side_pairs, side_rows.repeat_interleave(k)])
         pairs = pair_batch(texts, images, txt_rows, img_rows)
         scores, attention = self.score(model, pairs, attn_layer=-1 if self.iais is not None else None)
         probs = scores.sigmoid()
         positive = probs[:b]
-        neg_img, neg_txt = probs[b : b + b * k].view(b, k), probs[b + b * k :].view(b, k)
+        neg_img = probs[b : b + b * k].view(b, k)
+        side_start = b + b * k + (b if separate else 0)
+        side_positive = probs[b + b * k : side_start] if separate else positive
+        neg_txt = probs[side_start:].view(b, k)
         loss_txt_anchor = hinge(positive, neg_img, self.margin)
-        loss_img_anchor = hinge(positive, neg_txt, self.margin)
-        correct = (positive > neg_img.max(1).values) & (positive > neg_txt.max(1).values)
+        loss_img_anchor = hinge(side_positive, neg_txt, self.margin)
+        correct = (positive > neg_img.max(1).values) & (side_positive > neg_txt.max(1).values)
         out = {
             "retrieval_loss": loss_txt_anchor + loss_img_anchor,
             "retrieval_hinge_text_anchor": loss_txt_anchor.detach(),
@@ -179,14 +204,27 @@ class Retrieval(nn.Module):
             "retrieval_count": torch.tensor(b, device=correct.device),
         }
         if self.iais is not None:
-            positives = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
-            positives[:b] = True
-            out |= self.iais(attention, pairs["txt_mask"].bool(), pairs["img_mask"].bool(), positives)
+            masks = (pairs["txt_mask"].bool(), pairs["img_mask"].bool())
+            if not separate:
+                positives = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+                positives[:b] = True
+                out |= self.iais(attention, *masks, positives)
+            else:  # the text anchor on the text side's positives, the image anchor on the image side's
+                total = attention.sum() * 0.0
+                for anchor, start in (("text", 0), ("image", b + b * k)):
+                    if anchor in self.iais.config.anchors:
+                        positives = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+                        positives[start : start + b] = True
+                        part = self.iais(attention, *masks, positives, anchors=(anchor,))
+                        total = total + part["iais_loss"]
+                        out[f"iais_kl_{anchor}"] = part[f"iais_kl_{anchor}"]
+                out["iais_loss"] = total
         return out
 
     def state_extra(self) -> dict[str, Any]:
         return {"margin": self.margin, "hard_negatives": self.hard_negatives, "iais_weight": self.iais_weight,
-                "iais": None if self.iais is None else self.iais.config.model_dump(mode="json")}
+                "iais": None if self.iais is None else self.iais.config.model_dump(mode="json"),
+                "sides": self.sides}
 
 
 def _negatives(batch: Mapping[str, Any], side: str) -> dict[str, Tensor]:
@@ -194,15 +232,26 @@ def _negatives(batch: Mapping[str, Any], side: str) -> dict[str, Tensor]:
     return {key: batch[f"neg_{key}"] for key in fields}
 
 
+def _prefixed(batch: Mapping[str, Any], prefix: str) -> dict[str, Tensor]:
+    return {key: batch[f"{prefix}{key}"] for key in (*TEXT_FIELDS, *IMAGE_FIELDS)}
+
+
+def image_side(batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The image side's positive pairs: the batch's own (shared sides) or its ``side_*`` pairs (separate)."""
+    return _prefixed(batch, "side_" if "side_input_ids" in batch else "")
+
+
 class RetrievalDataset(Dataset):
     """Caption ``i`` of the text dbs with its image; with ``neg_samples`` > 0 each example also carries
-    that many random other images and texts of other images (the hard-negative candidates).
+    that many random other images and texts of other images (the hard-negative candidates). With
+    ``sides="separate"`` the image side has its own positive: a caption drawn uniformly from the split
+    (``image_side``), whose candidate texts are texts of other images than its own.
 
     Texts whose image is not in the store are listed in ``missing`` (image keys) and left out.
     """
 
     def __init__(self, txt_dbs: TxtDbLike | Sequence[TxtDbLike], img_db: ImgDb, *,
-                 max_txt_len: int | None = 60, neg_samples: int = 0, seed: int = 0):
+                 max_txt_len: int | None = 60, neg_samples: int = 0, seed: int = 0, sides: Sides = "shared"):
         self.pairs = PretrainDataset(txt_dbs, img_db, max_txt_len)
         self.img_db = img_db
         self.missing: list[str] = list(self.pairs.missing_images)
@@ -219,6 +268,9 @@ class RetrievalDataset(Dataset):
             if len(self.pairs) - int(own.max()) < self.neg_samples:
                 raise RetrievalDataError(f"neg_samples={self.neg_samples}: some image has fewer texts of "
                                          "other images than that")
+        if sides not in ("shared", "separate"):
+            raise RetrievalDataError(f"sides must be 'shared' or 'separate', got {sides!r}")
+        self.sides = sides
         self._rng = np.random.default_rng(seed)
         self._texts: dict[int, Tensor] = {}
 
@@ -251,6 +303,9 @@ class RetrievalDataset(Dataset):
             # Other images: uniform over the n_img - 1 indices, skipping the own one.
             draw = self._rng.choice(len(self.index.img_keys) - 1, self.neg_samples, replace=False)
             example["neg_images"] = [self.index.img_keys[m + (m >= own)] for m in draw.tolist()]
+            if self.sides == "separate":
+                example["image_side"] = int(self._rng.integers(len(self.pairs)))
+                own = int(self.index.txt2img[example["image_side"]])
             texts: list[int] = []
             while len(texts) < self.neg_samples:  # rejection: an image has only a few texts
                 extra = self.neg_samples - len(texts) + 4
@@ -273,6 +328,15 @@ class RetrievalDataset(Dataset):
                            for r, key, j in zip(regions, keys, texts, strict=True)], pad_id=self.pad_id)
             batch |= {f"neg_{key}": neg[key] for key in (*TEXT_FIELDS, *IMAGE_FIELDS)}
             batch["neg_samples"] = self.neg_samples
+            if self.sides == "separate":
+                rows = []
+                for j in (ex["image_side"] for ex in examples):
+                    region = self.img_db.get(self.pairs.img_keys[j])
+                    rows.append({"input_ids": self.text(j), "img_feat": region.features,
+                                 "img_pos_feat": region.boxes, "img_key": self.pairs.img_keys[j],
+                                 "txt_id": self.pairs.txt_ids[j]})
+                side = collate(rows, pad_id=self.pad_id)
+                batch |= {f"side_{key}": side[key] for key in (*TEXT_FIELDS, *IMAGE_FIELDS)}
         return batch
 
 
@@ -422,6 +486,7 @@ def unimodal_similarity(scorer: PairScorer, chunk: int = 256) -> Tensor:
 class EntityPhrase:
     first_word: int  # index of the phrase's first word in the sentence split on spaces
     n_words: int
+    chain: str  # Entities chain id: the phrases of one chain in a sentence are one object
     boxes: tuple[tuple[float, float, float, float], ...]  # x1, y1, x2, y2 in pixels of the original image
 
 
@@ -432,6 +497,35 @@ class EntitySentence:
     img_key: str
     words: tuple[str, ...]
     phrases: tuple[EntityPhrase, ...]
+
+
+# Regions of one object: (image key, the object's annotated boxes, the store's normalized x1y1x2y2 region
+# boxes [N, 4]) -> region indices.
+Locate = Callable[[str, Sequence[Sequence[float]], Tensor], list[int]]
+
+
+def annotated_regions(boxes_by_image: Mapping[str, Sequence[Sequence[float]]]) -> Locate:
+    """Regions of a store pooled at the annotated boxes themselves, one region per box, whose row order is
+    ``boxes_by_image[key]`` (the paper's ISDa: features at the Entities ground-truth boxes)."""
+
+    def locate(key: str, boxes: Sequence[Sequence[float]], region_boxes: Tensor) -> list[int]:
+        index = {tuple(float(v) for v in box): r for r, box in enumerate(boxes_by_image.get(key, ()))}
+        rows = (index.get(tuple(float(v) for v in box)) for box in boxes)
+        return sorted({r for r in rows if r is not None and r < len(region_boxes)})
+
+    return locate
+
+
+def detected_regions_by_iou(image_sizes: Mapping[str, tuple[int, int]], iou_threshold: float = 0.5) -> Locate:
+    """Detected regions whose box has IoU >= ``iou_threshold`` with one of the object's boxes; the store's
+    normalized boxes are scaled by ``image_sizes[key]`` = (width, height) to the annotation's pixels."""
+
+    def locate(key: str, boxes: Sequence[Sequence[float]], region_boxes: Tensor) -> list[int]:
+        width, height = image_sizes[key]
+        scale = torch.tensor([width, height, width, height], dtype=torch.float64)
+        return detected_regions(region_boxes.double() * scale, boxes, iou_threshold)
+
+    return locate
 
 
 def entity_inputs(tokenizer: Any, sentence: EntitySentence, cls_id: int, sep_id: int,
@@ -449,14 +543,26 @@ def entity_inputs(tokenizer: Any, sentence: EntitySentence, cls_id: int, sep_id:
     return torch.tensor([cls_id, *ids, sep_id], dtype=torch.long), positions
 
 
+def entity_objects(sentence: EntitySentence, positions: Sequence[Sequence[int]], region_boxes: Tensor,
+                   locate: Locate) -> list[tuple[list[int], list[int]]]:
+    """ISDa objects of a sentence: one per chain, (the tokens of all its phrases, its boxes' regions)."""
+    chains: dict[str, tuple[list[int], list[tuple[float, ...]]]] = {}
+    for phrase, tokens in zip(sentence.phrases, positions, strict=True):
+        chain_tokens, chain_boxes = chains.setdefault(phrase.chain, ([], []))
+        chain_tokens += tokens
+        chain_boxes += [b for b in phrase.boxes if b not in chain_boxes]
+    return [(tokens, locate(sentence.img_key, boxes, region_boxes)) for tokens, boxes in chains.values()]
+
+
 @torch.no_grad()
-def sentence_isda(model: UniterModel, img_db: ImgDb, sentences: Sequence[EntitySentence],
-                  image_sizes: Mapping[str, tuple[int, int]], tokenizer: Any, *, cls_id: int, sep_id: int,
-                  max_txt_len: int = 60, batch_size: int = 16, pad_id: int = 0,
-                  device: torch.device | str = "cpu", autocast: Autocast = nullcontext) -> list[float | None]:
-    """ISDa (vlp.eval.isda) of each matched sentence-image pair in the last layer's attention, or None
-    when the pair has fewer than two phrases with a matching region. Region boxes of the store are
-    normalized; they are scaled by ``image_sizes[key]`` = (width, height) to the annotation's pixels."""
+def sentence_isda(model: UniterModel, img_db: ImgDb, sentences: Sequence[EntitySentence], tokenizer: Any,
+                  locate: Locate, *, cls_id: int, sep_id: int, max_txt_len: int = 60, batch_size: int = 16,
+                  pad_id: int = 0, device: torch.device | str = "cpu",
+                  autocast: Autocast = nullcontext) -> list[float | None]:
+    """ISDa (vlp.eval.isda) of each sentence with its image's regions in ``img_db`` (the Entities boxes'
+    store, or the detected regions), in the last layer's attention; None when the pair has fewer than
+    two objects with tokens and regions. ``locate`` gives an object's regions (``annotated_regions``,
+    ``detected_regions_by_iou``)."""
     values: list[float | None] = []
     with evaluating(model):
         for s0 in range(0, len(sentences), batch_size):
@@ -472,10 +578,8 @@ def sentence_isda(model: UniterModel, img_db: ImgDb, sentences: Sequence[EntityS
                                   attn_layer=-1).attention
             lt = batch["input_ids"].shape[1]
             for j, ((_, positions), region, s) in enumerate(zip(inputs, regions, chunk, strict=True)):
-                width, height = image_sizes[s.img_key]
-                boxes = region.boxes[:, :4].double() * torch.tensor([width, height, width, height],
-                                                                    dtype=torch.float64)
-                values.append(isda(attention[j], lt, positions, [p.boxes for p in s.phrases], boxes))
+                objects = entity_objects(s, positions, region.boxes[:, :4], locate)
+                values.append(isda(attention[j], lt, len(region.boxes), objects))
     return values
 
 

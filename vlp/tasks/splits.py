@@ -19,7 +19,7 @@ from vlp.data.img_db import ImgDb
 from vlp.data.txt_db import TxtDb, TxtDbError
 from vlp.tasks import TASKS
 from vlp.tasks.common import TaskDataError, TaskDataset, missing_report, read_image_sizes
-from vlp.tasks.retrieval import RetrievalDataset
+from vlp.tasks.retrieval import RetrievalDataset, Sides
 
 
 def _one_line(err: BaseException) -> str:
@@ -60,12 +60,14 @@ def task_image_sizes(task: str, tables_dir: Path, images_dir: Path) -> dict[str,
 
 
 def retrieval_split(db_paths: Sequence[Path], split: str, img_db: ImgDb, *, skip: bool, setting: str,
-                    log: logging.Logger, neg_samples: int = 0, seed: int = 0) -> RetrievalDataset:
+                    log: logging.Logger, neg_samples: int = 0, seed: int = 0,
+                    sides: Sides = "shared") -> RetrievalDataset:
     """Retrieval texts of the text dbs ``db_paths`` with their images (``split`` names it in errors); texts
     are read as the text db stage wrote them (already cut to its max_txt_len)."""
     try:
         dbs = [TxtDb(path) for path in db_paths]
-        data = RetrievalDataset(dbs, img_db, max_txt_len=None, neg_samples=neg_samples, seed=seed)
+        data = RetrievalDataset(dbs, img_db, max_txt_len=None, neg_samples=neg_samples, seed=seed,
+                                sides=sides)
     except (TxtDbError, ValueError) as err:
         raise TaskDataError(f"task retrieval split {split}: {_one_line(err)}") from None
     n_images = len(data.missing) + (len(data.index.img_keys) if data.index is not None else 0)

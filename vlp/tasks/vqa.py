@@ -2,8 +2,12 @@
 
 The answer vocabulary is built from the training split alone (one answer per question, the
 ``multiple_choice_answer``), so every split of one table gets the same vocabulary; the targets are the soft
-scores min(#humans / 3, 1) of the in-vocabulary answers among the 10 human answers, and the metric is the
-official VQA accuracy of the argmax answer.
+scores of the in-vocabulary answers among the 10 human answers (``options.soft_score``: ``mcan``, the
+0 / 0.3 / 0.6 / 0.9 / 1.0 steps of UNITER's appendix, or ``linear`` min(#humans / 3, 1)), and the metric is
+the official VQA accuracy of the argmax answer.
+
+The test splits (test-dev2015, test2015) have no answers: their examples get predictions only (no loss, no
+score), which the eval stage writes as the evaluation server's results file.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pydantic import Field
 from torch import Tensor
 
 from vlp.data.img_db import ImgDb
-from vlp.eval.vqa import build_answer_vocab, soft_targets, vqa_accuracy
+from vlp.eval.vqa import SoftScore, build_answer_vocab, soft_targets, vqa_accuracy
 from vlp.model.config import UniterConfig
 from vlp.model.uniter import UniterModel
 from vlp.objectives.common import encode
@@ -37,6 +41,7 @@ from vlp.tasks.common import (
 class VQAOptions(TaskOptions):
     min_count: int = Field(9, ge=1)  # UNITER's 3,129 answers on VQA v2; a small demo set needs a small value
     train_split: str = "train2014"  # the split the answer vocabulary comes from
+    soft_score: SoftScore = "mcan"  # targets: UNITER/MCAN's 0/.3/.6/.9/1 steps, or linear min(1, n/3)
 
 
 def vqa_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -64,6 +69,11 @@ class VQADataset(TaskDataset):
     def __init__(self, *args: Any, ans2label: dict[str, int], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.ans2label = ans2label
+
+    @property
+    def answered(self) -> bool:
+        """Whether the split has human answers (the test splits have none: predictions only)."""
+        return all(r["answers"] is not None for r in self.records)
 
     @property
     def head_options(self) -> dict[str, Any]:
@@ -118,16 +128,21 @@ class VQA(TaskHead):
             raise TaskDataError(f"{source}: no answer of split {opts.train_split!r} occurs min_count="
                                 f"{opts.min_count} times; the answer vocabulary is empty")
         records = []
+        answered = {row["answers"] is not None for row in rows}
+        if len(answered) > 1:
+            raise TaskDataError(f"{source} split {split}: some questions have answers and some have none "
+                                "(field answers is null)")
         for row in rows:
             where = f"{source}: question {row['question_id']}"
-            answers = require(row["answers"], where, "answers")
-            if not answers:
+            answers = row["answers"]
+            if answers is not None and not answers:
                 raise TaskDataError(f"{where}: field answers is empty")
-            labels, scores = soft_targets(answers, ans2label)
+            labels, scores = soft_targets(answers, ans2label, opts.soft_score) if answers else ([], [])
             records.append({
                 "id": str(row["question_id"]), "question_id": row["question_id"],
                 "img_keys": (require(row["image_key"], where, "image_key"),),
-                "text": require(row["question"], where, "question"), "answers": list(answers),
+                "text": require(row["question"], where, "question"),
+                "answers": None if answers is None else list(answers),
                 "answer_type": row["answer_type"], "labels": labels, "scores": scores,
             })
         where = f"{source} split {split}"
@@ -138,6 +153,9 @@ class VQA(TaskHead):
     def forward(self, model: UniterModel, batch: dict[str, Any]) -> dict[str, Any]:
         logits = self.classifier(model.pool(encode(model, batch))).float()
         answers = [self.label2ans[i] for i in logits.argmax(dim=1).tolist()]
+        if all(human is None for human in batch["answers"]):  # a test split: nothing to score against
+            return {"predictions": [{"question_id": q, "answer": a}
+                                    for q, a in zip(batch["question_ids"], answers, strict=True)]}
         scores = [vqa_accuracy(a, human) for a, human in zip(answers, batch["answers"], strict=True)]
         return {
             "vqa_loss": vqa_loss(logits, batch["targets"]),

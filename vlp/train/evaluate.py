@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -24,12 +25,17 @@ class BatchBudgetError(ValueError):
     """A batch budget below the largest example; the message names the setting."""
 
 
-def batch_sampler(data: Any, max_units: int, *, seed: int = 0, train: bool, setting: str) -> UnitBatchSampler:
+def batch_sampler(data: Any, max_units: int, *, seed: int = 0, train: bool, setting: str,
+                  examples: int | None = None) -> UnitBatchSampler:
     """Dynamic batches of at most ``max_units`` padded input units: shuffled and endless for training, in
-    order and once for evaluation."""
+    order and once for evaluation. ``examples``: batches of that many examples instead (each counted as
+    one unit, so the budget packs exactly that many; an epoch's last batch may hold fewer)."""
+    txt_lens, img_lens = data.txt_lens, data.img_lens
+    if examples is not None:
+        txt_lens, img_lens, max_units = np.ones_like(txt_lens), np.zeros_like(img_lens), examples
     try:
-        return UnitBatchSampler(data.txt_lens, data.img_lens, max_units, seed=seed, shuffle=train,
-                                even_shards=train, infinite=train)
+        return UnitBatchSampler(txt_lens, img_lens, max_units, seed=seed, shuffle=train, even_shards=train,
+                                infinite=train)
     except ValueError as err:
         raise BatchBudgetError(f"{setting}: {err}") from None
 

@@ -10,12 +10,57 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlp.data.batching import UnitBatchSampler
 from vlp.data.collate import collate
+from vlp.data.pretrain_dataset import PretrainDataset
+from vlp.objectives.itm import corpus_negatives
 from vlp.train.seeds import seed_of
+
+
+class ItmPairs(Dataset):
+    """ITM's corpus negatives (``vlp.objectives.itm.corpus_negatives``): in every epoch each caption keeps
+    its image or, with probability ``neg_prob``, is paired with another image of its text db, as UNITER's
+    ``ItmDataset.new_epoch`` does. The draw of epoch e depends on (seed, e) only, so every worker and a
+    resumed run see the same pairs. ``img_lens`` bounds every epoch's region counts (the most regions of an
+    image in the caption's pool), ``epoch_img_lens(e)`` gives them (batches are packed with them).
+    """
+
+    def __init__(self, dataset: PretrainDataset, neg_prob: float, seed: int):
+        self.dataset, self.neg_prob, self.seed = dataset, neg_prob, seed
+        self.img_keys = sorted(set(dataset.img_keys))
+        index = {key: m for m, key in enumerate(self.img_keys)}
+        self.own = np.asarray([index[key] for key in dataset.img_keys], dtype=np.int64)
+        self.pool = np.asarray(dataset.db_index, dtype=np.int64)
+        self.nbb = np.zeros(len(self.img_keys), dtype=np.int64)
+        self.nbb[self.own] = dataset.img_lens
+        self.txt_lens = dataset.txt_lens
+        self.img_lens = np.zeros(len(dataset), dtype=np.int64)
+        for p in np.unique(self.pool):
+            rows = self.pool == p
+            self.img_lens[rows] = self.nbb[self.own[rows]].max()
+        self._draws: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def draw(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(partner image index, target) of every example in ``epoch``."""
+        if epoch not in self._draws:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
+            self._draws = {e: d for e, d in self._draws.items() if e >= epoch - 1}  # current and previous
+            self._draws[epoch] = corpus_negatives(self.own, self.pool, self.neg_prob, rng)
+        return self._draws[epoch]
+
+    def epoch_img_lens(self, epoch: int) -> np.ndarray:
+        return self.nbb[self.draw(epoch)[0]]
+
+    def example(self, epoch: int, i: int) -> dict:
+        partner, targets = self.draw(epoch)
+        return {**self.dataset.pair(i, self.img_keys[partner[i]]), "itm_target": int(targets[i])}
 
 
 class PreparedBatches(Dataset):
@@ -28,7 +73,11 @@ class PreparedBatches(Dataset):
 
     def __getitem__(self, item: tuple[int, int, list[int]]) -> dict:
         epoch, index, indices = item
-        batch = collate([self.examples[i] for i in indices], pad_id=self.pad_id)
+        if isinstance(self.examples, ItmPairs):  # the pairs of this epoch
+            rows = [self.examples.example(epoch, i) for i in indices]
+        else:
+            rows = [self.examples[i] for i in indices]
+        batch = collate(rows, pad_id=self.pad_id)
         generator = torch.Generator().manual_seed(seed_of(self.seed, self.stream, epoch, index))
         return self.prepare(batch, generator)
 

@@ -26,6 +26,9 @@ class ModelConfig(BaseModel):
     init_from_bert: str | None = None
     # Hidden and attention dropout; None keeps the preset's (0.1).
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    # A masked region's feature: zeros (the paper) or zeros + a learned vector (the official code);
+    # vlp.model.embeddings.ImageEmbeddings.
+    masked_region: Literal["zeros", "learned"] = "zeros"
 
 
 class ObjectivesConfig(BaseModel):
@@ -38,12 +41,20 @@ class ObjectivesConfig(BaseModel):
     masking: Literal["conditional", "joint"] = "conditional"
     mask_prob: float = Field(0.15, gt=0, le=1)
     itm_neg_prob: float = Field(0.5, ge=0, le=1)
+    # Where ITM's negative images come from: corpus = any other image of the caption's text db, redrawn each
+    # epoch (UNITER's ItmDataset; the paper: "a randomly-selected one from other samples"); batch = another
+    # example's image in the same batch. Validation ITM always uses in-batch donors (vlp.objectives.itm).
+    itm_negatives: Literal["corpus", "batch"] = "corpus"
     wra: bool = True  # word-region alignment (optimal transport) alongside ITM
     wra_weight: float = Field(0.1, ge=0)
     wra_beta: float = Field(0.5, gt=0)
     wra_iters: int = Field(50, ge=1)
     itc_dim: int = Field(256, ge=1)  # ITC's projection size (ALBEF, CODIS: 256)
     itc_temperature: float = Field(0.07, ge=1e-3, le=0.5)  # its initial (learnable) temperature
+    # WRA's text side: the words (the paper) or every text token incl. [CLS] / [SEP] (the official code).
+    wra_cls_sep: bool = False
+    # MRC-kl: KL per region averaged over regions (the paper) or also / (C+1) (element: the official code).
+    mrc_kl_norm: Literal["region", "element"] = "region"
 
     @model_validator(mode="after")
     def _known_tasks(self) -> ObjectivesConfig:
@@ -68,7 +79,8 @@ class PretrainModel(nn.Module):
 
 
 def encoder_config(model: ModelConfig, vocab_size: int, img_dim: int) -> UniterConfig:
-    over: dict[str, Any] = {"vocab_size": vocab_size, "img_dim": img_dim}
+    over: dict[str, Any] = {"vocab_size": vocab_size, "img_dim": img_dim,
+                            "img_mask_embedding": model.masked_region == "learned"}
     if model.dropout is not None:
         over |= {"hidden_dropout_prob": model.dropout, "attention_probs_dropout_prob": model.dropout}
     return UniterConfig.preset(model.size, **over)
@@ -87,9 +99,9 @@ def objective_options(cfg: ObjectivesConfig, meta: Mapping[str, Any], label_dim:
         "mlm": masked,
         "mrfr": masked,
         "mrc": {**masked, "label_dim": label_dim},
-        "mrc_kl": {**masked, "label_dim": label_dim},
+        "mrc_kl": {**masked, "label_dim": label_dim, "kl_norm": cfg.mrc_kl_norm},
         "itm": {"neg_prob": cfg.itm_neg_prob, "wra": cfg.wra, "wra_beta": cfg.wra_beta,
-                "wra_iters": cfg.wra_iters},
+                "wra_iters": cfg.wra_iters, "wra_cls_sep": cfg.wra_cls_sep},
         "itc": {"embed_dim": cfg.itc_dim, "temperature": cfg.itc_temperature},
     }
     return {task: by_task[task] for task in sorted(cfg.tasks)}

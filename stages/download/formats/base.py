@@ -66,6 +66,8 @@ class Parsed:
     entities: list[dict] = field(default_factory=list)  # tables.ENTITIES rows
     splits: list[dict] = field(default_factory=list)  # tables.SPLITS rows
     tasks: dict[str, list[dict]] = field(default_factory=dict)  # task name -> tables.TASK_TABLES[name] rows
+    # Records the format itself marks as unusable, left out on purpose: reason -> count (download summary).
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 _JSON_TYPE_NAMES = {

@@ -1,7 +1,11 @@
-"""MS-COCO: ``captions_<split>.json``, optional ``instances_<split>.json``, Karpathy ``dataset_coco.json``.
+"""MS-COCO: ``captions_<split>.json``, optional ``instances_<split>.json`` and ``image_info_<split>.json``,
+Karpathy ``dataset_coco.json``.
 
 The split of an image is taken from its file's role (``captions_train2014`` -> ``train2014``), so
-2014 and 2017 files work alike; the image id is the same across years.
+2014 and 2017 files work alike; the image id is the same across years. ``image_info_test2015.json`` (the
+images of VQA's test-dev / test-std questions) lists images only: no ``annotations`` key, no
+``flickr_url``. Captions keep the annotators' text with its runs of whitespace collapsed to one space
+(the raw files have leading, trailing and repeated inner spaces).
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from stages.download.formats.base import (
     records,
 )
 
-_ROLE = re.compile(r"(captions|instances)_(\w+)")
+_ROLE = re.compile(r"(captions|instances|image_info)_(\w+)")
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 
-def _roles(files: dict[str, Path]) -> tuple[dict[str, Path], dict[str, Path]]:
+def _roles(files: dict[str, Path]) -> dict[str, dict[str, Path]]:
+    """kind (captions, instances, image_info) -> split -> file."""
     check_roles("coco", files, ["karpathy"], optional=None)
-    captions, instances = {}, {}
+    by_kind: dict[str, dict[str, Path]] = {"captions": {}, "instances": {}, "image_info": {}}
     for role, path in files.items():
         if role == "karpathy":
             continue
@@ -36,15 +41,17 @@ def _roles(files: dict[str, Path]) -> tuple[dict[str, Path], dict[str, Path]]:
         if match is None:
             raise FormatError(
                 dataset_label("coco"),
-                f"unknown file role '{role}' (known: captions_<split>, instances_<split>, karpathy)",
+                f"unknown file role '{role}' (known: captions_<split>, instances_<split>, "
+                "image_info_<split>, karpathy)",
             )
-        (captions if match[1] == "captions" else instances)[match[2]] = path
+        by_kind[match[1]][match[2]] = path
+    captions = by_kind["captions"]
     if not captions:
         given = ", ".join(sorted(files))
         raise FormatError(
             dataset_label("coco"), f"missing required file role 'captions_<split>' (given: {given})"
         )
-    return captions, instances
+    return by_kind
 
 
 def _read_images(path: Path, data: dict, split: str) -> dict[int, tuple[int, ImageRef]]:
@@ -72,8 +79,14 @@ def _annotation_image(rec: Record, file_images: dict) -> int:
     return image_id
 
 
+def normalize_caption(text: str) -> str:
+    """The caption with every run of whitespace (spaces, tabs, newlines) collapsed to one space, trimmed."""
+    return " ".join(text.split())
+
+
 def parse_coco(files: dict[str, Path], source: DatasetSource) -> Parsed:
-    caption_files, instance_files = _roles(files)
+    roles = _roles(files)
+    caption_files, instance_files = roles["captions"], roles["instances"]
     images: dict[int, ImageRef] = {}
     listed_in: dict[int, Path] = {}
     captions = []
@@ -93,7 +106,7 @@ def parse_coco(files: dict[str, Path], source: DatasetSource) -> Parsed:
             images[image_id] = ref
         for rec in records(path, json_list(path, data, "annotations")):
             image_id = _annotation_image(rec, file_images)
-            caption = rec.get_str("caption").strip()
+            caption = normalize_caption(rec.get_str("caption"))
             captions.append(
                 {
                     "corpus": "coco",
@@ -135,10 +148,14 @@ def parse_coco(files: dict[str, Path], source: DatasetSource) -> Parsed:
                 }
             )
 
+    for split, path in roles["image_info"].items():  # images without annotations (COCO test2014/2015)
+        for image_id, (_, ref) in _read_images(path, load_json(path), split).items():
+            images.setdefault(image_id, ref)
+
     splits = []
     path = files["karpathy"]
     seen: dict[int, int] = {}
-    given = ", ".join(p.name for p in [*caption_files.values(), *instance_files.values()])
+    given = ", ".join(p.name for kind in roles.values() for p in kind.values())
     for rec in records(path, json_list(path, load_json(path), "images")):
         coco_id = rec.get_int("cocoid")
         rec.label = f"image {coco_id}"

@@ -1,8 +1,10 @@
 """RefCOCO (UNC): ``refs(unc).p`` (a pickled list of refs) + ``instances.json`` (their boxes).
 
 Refs carry no box: ``ann_id`` is joined to ``instances.json`` ``annotations[].id``. The pickle comes
-from the web, so it is loaded with an unpickler that builds plain data only and refuses any class
-(a pickle can otherwise run arbitrary code). A ``.json`` rendering of the same list is read too.
+from the web, so it is loaded with an unpickler that builds plain data only and refuses every class
+(a pickle can otherwise run arbitrary code) but ``collections.OrderedDict``: refs re-saved by tools that
+keep key order (Python 2's or 3's ``OrderedDict``) hold their refs and sentences as ordered dicts, which
+are plain data too. A ``.json`` rendering of the same list is read too.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 from stages.download.config import DatasetSource
@@ -28,9 +31,17 @@ SPLITS = ("train", "val", "test", "testA", "testB", "testC")
 _FILE_SUFFIX = re.compile(r"_\d+(?=\.\w+$)")
 
 
+# The only class a refs pickle may name: building it runs no code of the pickle's choosing.
+_ALLOWED_CLASSES = {("collections", "OrderedDict"): OrderedDict}
+
+
 class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is allowed")
+        allowed = _ALLOWED_CLASSES.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data and "
+                                         "collections.OrderedDict are allowed")
+        return allowed
 
 
 def _utf8_strings(value, memo: dict[int, object] | None = None):

@@ -1,7 +1,10 @@
 """VQA v2: ``questions_<split>`` + ``annotations_<split>`` file pairs, joined by ``question_id``.
 
 Every annotated question carries exactly 10 human answers (the VQA accuracy is computed over them).
-The images are COCO's, referred to as ``coco:<image_id>``.
+The test splits (``test2015``, ``test-dev2015``: ``v2_OpenEnded_mscoco_test-dev2015_questions.json``) are
+published without annotations: a ``questions_test*`` file may come alone, and its rows have no answers,
+multiple-choice answer or answer type (their predictions go to the evaluation server instead). Any other
+split needs both files. The images are COCO's, referred to as ``coco:<image_id>``.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ from stages.download.formats.base import (
     records,
 )
 
-_ROLE = re.compile(r"(questions|annotations)_(\w+)")
+_ROLE = re.compile(r"(questions|annotations)_([\w-]+)")
 ANSWERS_PER_QUESTION = 10
 
 
-def _pairs(files: dict[str, Path]) -> dict[str, tuple[Path, Path]]:
-    """split -> (questions file, annotations file)."""
+def _pairs(files: dict[str, Path]) -> dict[str, tuple[Path, Path | None]]:
+    """split -> (questions file, annotations file or None for an unannotated test split)."""
     by_kind: dict[str, dict[str, Path]] = {"questions": {}, "annotations": {}}
     for role, path in files.items():
         match = _ROLE.fullmatch(role)
@@ -41,12 +44,17 @@ def _pairs(files: dict[str, Path]) -> dict[str, tuple[Path, Path]]:
         )
     for kind, other in (("questions", "annotations"), ("annotations", "questions")):
         for split in by_kind[kind]:
-            if split not in by_kind[other]:
+            if split not in by_kind[other] and not (kind == "questions" and unannotated(split)):
                 raise FormatError(
                     dataset_label("vqa"),
                     f"missing required file role '{other}_{split}' (it pairs with '{kind}_{split}')",
                 )
-    return {split: (path, by_kind["annotations"][split]) for split, path in by_kind["questions"].items()}
+    return {split: (path, by_kind["annotations"].get(split)) for split, path in by_kind["questions"].items()}
+
+
+def unannotated(split: str) -> bool:
+    """Whether ``split`` is one VQA publishes without annotations (test2015, test-dev2015)."""
+    return split.startswith("test")
 
 
 def _entries(path: Path, split: str, key: str) -> list:
@@ -68,6 +76,12 @@ def parse_vqa(files: dict[str, Path], source: DatasetSource) -> Parsed:
                 raise rec.error("question_id", f"listed twice (also record {questions[question_id][0]})")
             questions[question_id] = (rec.index, rec.get_int("image_id"), rec.get_str("question"))
 
+        if annotations_path is None:
+            rows += [{"question_id": question_id, "image_key": f"coco:{image_id}", "split": split,
+                      "question": question, "answers": None, "multiple_choice_answer": None,
+                      "answer_type": None}
+                     for question_id, (_, image_id, question) in questions.items()]
+            continue
         annotations: dict[int, dict] = {}
         for rec in records(annotations_path, _entries(annotations_path, split, "annotations")):
             question_id = rec.get_int("question_id")
