@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     tracker.log(parent, params=flatten(resolved))
     tracker.log_text(parent, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
 
+    # A caller already connected to Ray (a notebook, a test running many invocations) keeps its connection.
+    own_ray = not ray.is_initialized()
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if own_ray and address:
         ray.init(address=address, log_to_driver=True)
-    else:
+    elif own_ray:
         # No dashboard for a run-local Ray: it would take port 8265 from a cluster started beside it.
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     try:
@@ -97,13 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         cause = _root_cause(err)
         tracker.end(parent, "FAILED")
         # Shut Ray down first: its workers' log lines still in flight would otherwise follow the error.
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
         if isinstance(cause, StageError):
             print(f"error: {cause}", file=sys.stderr)
             return 1
         raise
     finally:
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
     tracker.end(parent)
     for o in outcomes:
         state = "cached, skipped" if o.cached else f"ran in {o.seconds:.1f}s"

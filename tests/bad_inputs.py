@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import ray  # noqa: E402
+
 from pipeline.run import main  # noqa: E402
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -208,10 +210,19 @@ def _run(workdir: Path, case: Case, base: Path) -> Outcome:
 
 
 def probe(root: Path, cases: list[Case] = CASES) -> list[Outcome]:
-    """Run every case in its own work dir under ``root``; the first two runs build the shared inputs."""
-    base = root / "base"
-    assert main(["--config", str(TINY), "--workdir", str(base), "--stage", "download"]) == 0
-    return [_run(root / f"case-{i:02d}", case, base) for i, case in enumerate(cases)]
+    """Run every case in its own work dir under ``root``, after one run that builds the shared inputs.
+    The invocations share one local Ray (the CLI keeps a connection its caller made): what each case
+    checks is the CLI's own answer, and starting a Ray per case would cost most of the probe's time."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        base = root / "base"
+        assert main(["--config", str(TINY), "--workdir", str(base), "--stage", "download"]) == 0
+        return [_run(root / f"case-{i:02d}", case, base) for i, case in enumerate(cases)]
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def report(outcomes: list[Outcome]) -> str:
