@@ -78,26 +78,37 @@ def _mark(flag: bool | None) -> str:
     return "–" if flag is None else ("yes" if flag else "**no**")
 
 
+def _task_table(rows: list[dict[str, Any]], cell, mark) -> list[str]:
+    used = [c for c in COLUMNS if any(c in r["values"] for r in rows)]
+    lines = [f"| task | split | metric | {' | '.join(HEADERS[c] for c in used)} | pretrained > scratch |",
+             "|" + "---|" * (4 + len(used))]
+    for row in rows:
+        cells = [cell(row["values"].get(c)) for c in used]
+        lines.append(f"| {row['task']} | {row['split']} | {row['metric']} | " + " | ".join(cells)
+                     + f" | {mark(row['pretrained_beats_scratch'])} |")
+    return lines
+
+
+def _isda_table(rows: list[dict[str, Any]], title: str, cell, mark, pairs: bool) -> list[str]:
+    if not rows:
+        return []
+    used = [c for c in COLUMNS if any(c in r["values"] for r in rows)]
+    lines = ["", title, "", "| task | " + ("pairs | " if pairs else "")
+             + " | ".join(HEADERS[c] for c in used) + " | IAIS lowers ISDa |",
+             "|" + "---|" * (2 + pairs + len(used))]
+    for row in rows:
+        cells = ([f"{row['pairs']:.0f}"] if pairs else []) + [cell(row["values"].get(c)) for c in used]
+        lines.append(f"| {row['task']} | " + " | ".join(cells) + f" | {mark(row['iais_lowers_isda'])} |")
+    return lines
+
+
 def to_markdown(summary: dict[str, Any]) -> str:
     lines = ["# Evaluation summary", "",
              "Main metrics in % (Meta-Sum: the sum of IR and TR R@1/5/10 in %). Retrieval splits are "
              "`<split>/<scoring mode>`.", ""]
-    used = [c for c in COLUMNS if any(c in r["values"] for r in summary["tasks"])]
-    header = " | ".join(HEADERS[c] for c in used)
-    lines += [f"| task | split | metric | {header} | pretrained > scratch |", "|" + "---|" * (4 + len(used))]
-    for row in summary["tasks"]:
-        cells = [_cell(row["values"].get(c)) for c in used]
-        lines.append(f"| {row['task']} | {row['split']} | {row['metric']} | " + " | ".join(cells)
-                     + f" | {_mark(row['pretrained_beats_scratch'])} |")
-    if summary["isda"]:
-        used = [c for c in COLUMNS if any(c in r["values"] for r in summary["isda"])]
-        lines += ["", "## ISDa (last-layer intra-modal attention vs Flickr30k Entities; lower is better)", "",
-                  "| task | pairs | " + " | ".join(HEADERS[c] for c in used) + " | IAIS lowers ISDa |",
-                  "|" + "---|" * (3 + len(used))]
-        for row in summary["isda"]:
-            cells = [_cell(row["values"].get(c), 1.0, ".4g") for c in used]
-            lines.append(f"| {row['task']} | {row['pairs']:.0f} | " + " | ".join(cells)
-                         + f" | {_mark(row['iais_lowers_isda'])} |")
+    lines += _task_table(summary["tasks"], _cell, _mark)
+    lines += _isda_table(summary["isda"], "## ISDa (last-layer intra-modal attention vs Flickr30k Entities; "
+                         "lower is better)", lambda v: _cell(v, 1.0, ".4g"), _mark, pairs=True)
     if summary["retrieval_cost"]:
         lines += ["", "## Retrieval scoring cost", "",
                   "| dataset | model | split/mode | seconds | pairs scored | IR R@1 | TR R@1 |",
@@ -171,22 +182,9 @@ def seeds_to_markdown(summary: dict[str, Any]) -> str:
     lines = ["# Evaluation summary over seeds " + seeds, "",
              "Main metrics in %: mean ± sample standard deviation (min–max) over the seeds. The last "
              "column counts the seeds in which pretrained beats scratch.", ""]
-    used = [c for c in COLUMNS if any(c in r["values"] for r in summary["tasks"])]
-    lines += [f"| task | split | metric | {' | '.join(HEADERS[c] for c in used)} | pretrained > scratch |",
-              "|" + "---|" * (4 + len(used))]
-    for row in summary["tasks"]:
-        cells = [_spread_cell(row["values"].get(c)) for c in used]
-        lines.append(f"| {row['task']} | {row['split']} | {row['metric']} | " + " | ".join(cells)
-                     + f" | {_seed_mark(row['pretrained_beats_scratch'])} |")
-    if summary["isda"]:
-        used = [c for c in COLUMNS if any(c in r["values"] for r in summary["isda"])]
-        lines += ["", "## ISDa over seeds (lower is better)", "",
-                  "| task | " + " | ".join(HEADERS[c] for c in used) + " | IAIS lowers ISDa |",
-                  "|" + "---|" * (2 + len(used))]
-        for row in summary["isda"]:
-            cells = [_spread_cell(row["values"].get(c), 1.0, ".4f") for c in used]
-            mark = _seed_mark(row["iais_lowers_isda"])
-            lines.append(f"| {row['task']} | " + " | ".join(cells) + f" | {mark} |")
+    lines += _task_table(summary["tasks"], _spread_cell, _seed_mark)
+    lines += _isda_table(summary["isda"], "## ISDa over seeds (lower is better)",
+                         lambda v: _spread_cell(v, 1.0, ".4f"), _seed_mark, pairs=False)
     for seed, one in summary["per_seed"].items():
         body = to_markdown(one).split("\n", 1)[1]
         lines += ["", f"## Seed {seed}", body.rstrip()]
