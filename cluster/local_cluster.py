@@ -44,8 +44,9 @@ MLFLOW = "mlflow"  # the name of the tracking server in cluster.json's process t
 # A Unix socket path holds at most 107 bytes; Ray puts <temp dir>/session_<date>_<pid>/sockets/plasma_store.
 SOCKET_TAIL = len("/session_2026-12-03_09-32-58_201073_60280/sockets/plasma_store")
 # What a job's --working-dir upload leaves out besides .gitignore'd paths (work/ is one) and Ray's defaults
-# (.git, .venv): data and outputs.
-EXCLUDES = ["data/", "work/", "mlruns/", "mlartifacts/", "*.db", "ray_results/", ".cluster/"]
+# (.git, .venv): data and outputs at the top of the repository. Patterns are gitwildmatch: anchored with a
+# leading '/', since a bare 'data/' would also drop vlp/data/ and worldgen/data/.
+EXCLUDES = ["/data/", "/work/", "/mlruns/", "/mlartifacts/", "/*.db", "/ray_results/", "/.cluster/"]
 
 
 class ClusterError(RuntimeError):
