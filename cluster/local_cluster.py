@@ -6,7 +6,7 @@ tracking server on 127.0.0.1 beside the head.
     python cluster/local_cluster.py start [--workers 1] [--head-cpus 2] [--worker-cpus 1] [--workdir W]
     python cluster/local_cluster.py status [--json]
     python cluster/local_cluster.py env                 # exports and the `ray job submit` line
-    python cluster/local_cluster.py kill-node w1        # SIGKILL that node's raylet (a node crash)
+    python cluster/local_cluster.py kill-node w1        # SIGKILL every process of that node (a crash)
     python cluster/local_cluster.py add-node [--name w2] [--cpus 1]   # a node joins (or a lost one returns)
     python cluster/local_cluster.py stop
 
@@ -372,6 +372,8 @@ def cmd_add_node(args: argparse.Namespace) -> int:
 
 
 def cmd_kill_node(args: argparse.Namespace) -> int:
+    """A node crash: SIGKILL to its raylet, then to every other process of the node (workers included), at
+    once, as when the machine dies; the rest of the cluster sees the node lost."""
     c = Cluster(args.dir)
     node = c.state.get("nodes", {}).get(args.name)
     if node is None:
@@ -381,8 +383,16 @@ def cmd_kill_node(args: argparse.Namespace) -> int:
     if pid is None:
         raise ClusterError(f"node {args.name!r} has no running raylet")
     os.kill(pid, signal.SIGKILL)
-    print(f"node {args.name}: raylet pid {pid} killed (SIGKILL); its `ray start --block` (pid {node['pid']}) "
-          f"then ends the node's other processes")
+    others = [p for p in marked(c.mark(args.name)) if p != pid]
+    for other in others:
+        try:
+            os.kill(other, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while marked(c.mark(args.name)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(f"node {args.name}: SIGKILL to its raylet (pid {pid}) and its {len(others)} other processes")
     return 0
 
 
@@ -496,7 +506,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--name", help="node name (default: the next free w<N>; a dead node's name restarts it)")
     a.add_argument("--cpus", type=int, help="CPUs (default: the node's former count, or 1)")
     a.add_argument("--object-store-mb", type=int, default=1024)
-    k = sub.add_parser("kill-node", help="SIGKILL a node's raylet (a node crash, for fault-tolerance checks)")
+    k = sub.add_parser("kill-node", help="SIGKILL a node's raylet and all its processes (a node crash)")
     k.add_argument("name")
     st = sub.add_parser("status", help="the nodes, their processes and Ray's view of the cluster")
     st.add_argument("--json", action="store_true")
