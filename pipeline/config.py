@@ -7,7 +7,7 @@ line naming the file and the offending key, so a typo never starts a half-config
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -34,9 +34,26 @@ class ConfigError(StageError):
 class TrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # None: sqlite:///<workdir>/mlflow.db. The MLFLOW_TRACKING_URI environment variable wins over both.
+    # None: sqlite:///<workdir>/mlflow.db on one node; on a cluster of several nodes, an `mlflow server` the
+    # pipeline starts on the driver's node over that same store, for the run (pipeline/cluster.py). The
+    # MLFLOW_TRACKING_URI environment variable wins over both (the local cluster's job line sets it).
     uri: str | None = None
     experiment: str = "vlp-pipeline"
+    # Where that server listens: 127.0.0.1 is right for several nodes on one machine; a cloud cluster needs an
+    # address the other nodes reach (the head's private IP), or a server of its own (MLFLOW_TRACKING_URI).
+    server_host: str = "127.0.0.1"
+
+
+class PlacementConfig(BaseModel):
+    """Where Ray places work. Placement changes no result, so no stage's cache key includes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Pretraining's Ray Train workers: `pack` (as few nodes as possible), `spread` (across nodes, best effort:
+    # a run whose node is lost resumes on the nodes left) or `strict_spread` (one worker per node, or the run
+    # fails after ray.controller_failure_limit attempts to start them). Feature-extraction actors and the
+    # finetune/eval stage tasks are placed by the resources they ask for (CPUs, GPUs).
+    pretrain: Literal["pack", "spread", "strict_spread"] = "pack"
 
 
 class RayConfig(BaseModel):
@@ -44,6 +61,11 @@ class RayConfig(BaseModel):
 
     # CPUs of the local Ray started when RAY_ADDRESS is unset (None: all of this machine's).
     num_cpus: int | None = Field(None, gt=0)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    # Ray Train controller errors tolerated (a worker group that could not be placed within
+    # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default) before a training run fails with one line;
+    # Ray's default, -1, retries forever: a run starved of resources would wait forever.
+    controller_failure_limit: int = Field(3, ge=-1)
 
 
 class PipelineConfig(BaseModel):

@@ -256,13 +256,16 @@ def _run_stage(
 
 
 def execute(
-    cfg: PipelineConfig, stages: list[PlannedStage], workdir: Path, tracking: dict[str, str]
+    cfg: PipelineConfig, stages: list[PlannedStage], workdir: Path, tracking: dict[str, str],
+    runtime_env: dict[str, Any] | None = None,
 ) -> list[Outcome]:
-    """Submit every planned stage with its upstream result refs and wait for the whole graph."""
+    """Submit every planned stage with its upstream result refs and wait for the whole graph. ``runtime_env``:
+    of every stage task and, through Ray's inheritance, of everything it starts (pipeline/cluster.py)."""
     refs: dict[str, ray.ObjectRef] = {}
     cfg_data = cfg.model_dump(mode="json")
     for ps in stages:
         upstream = [refs[label] for label in ps.needs]
-        task = _run_stage.options(num_cpus=STAGES[ps.name].cpus(cfg) if not ps.cached else 0)
+        task = _run_stage.options(num_cpus=STAGES[ps.name].cpus(cfg) if not ps.cached else 0,
+                                  runtime_env=runtime_env)
         refs[ps.label] = task.remote(ps.__dict__, cfg_data, str(workdir), tracking, *upstream)
     return ray.get(list(refs.values()))

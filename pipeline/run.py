@@ -1,7 +1,8 @@
 """Command line entry: ``python pipeline/run.py --stage {world,download,dedup,all} [key.sub=value ...]``.
 
 Runs on the Ray cluster named by RAY_ADDRESS (as under ``ray job submit``), otherwise on a local Ray
-started for this invocation. Outputs are cached under the work dir; see README.md.
+started for this invocation; every stage task gets the cluster's address as RAY_ADDRESS. Outputs are cached
+under the work dir, which every node of the cluster must see; see README.md and cluster/README.md.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -20,6 +22,13 @@ import ray  # noqa: E402
 import yaml  # noqa: E402
 
 from pipeline.cache import StageStore, file_lock  # noqa: E402
+from pipeline.cluster import (  # noqa: E402
+    alive_nodes,
+    check_shared_workdir,
+    connect,
+    runtime_env,
+    tracking_server,
+)
 from pipeline.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from pipeline.dag import execute, plan  # noqa: E402
 from pipeline.stages import ALL, STAGES  # noqa: E402
@@ -69,7 +78,37 @@ def main(argv: list[str] | None = None) -> int:
     for ps in stages:
         log.info("plan: %-10s key %s  %s", ps.label, ps.key, "cached" if ps.cached else "run")
 
-    uri = tracking_uri(cfg.tracking.uri, workdir)
+    gcs, own_ray = connect(cfg.ray.num_cpus)
+    try:
+        nodes = alive_nodes()
+        log.info("Ray cluster %s: %d node(s)", gcs, len(nodes))
+        check_shared_workdir(workdir, nodes)
+        with ExitStack() as stack:
+            store_uri = uri = tracking_uri(cfg.tracking.uri, workdir)
+            if len(nodes) > 1 and uri.startswith("sqlite:"):
+                # Several nodes writing one sqlite file (on shared storage) is what MLflow warns against.
+                uri = stack.enter_context(tracking_server(workdir, cfg.tracking.server_host))
+            code, outcomes, parent = _run_graph(cfg, args, stages, workdir, uri, gcs, own_ray)
+    except StageError as err:
+        if own_ray:
+            ray.shutdown()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if own_ray:
+            ray.shutdown()
+    if code:
+        return code
+    for o in outcomes:
+        state = "cached, skipped" if o.cached else f"ran in {o.seconds:.1f}s"
+        print(f"{o.name:10s} {state:18s} {o.output_dir}")
+    # A server started for this run is gone by now: browse the store it wrote.
+    print(f"MLflow: mlflow ui --backend-store-uri {store_uri}  (parent run {parent})")
+    return 0
+
+
+def _run_graph(cfg, args, stages, workdir: Path, uri: str, gcs: str, own_ray: bool):
+    """Tracking runs and the stage graph; returns (exit code, outcomes, parent run id)."""
     # Creating the sqlite store and the experiment is not safe against a second run doing the same.
     with file_lock(workdir / ".mlflow.lock"):
         tracker = Tracker(uri, cfg.tracking.experiment, workdir)
@@ -79,21 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     resolved = cfg.model_dump(mode="json")
     tracker.log(parent, params=flatten(resolved))
     tracker.log_text(parent, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
-
-    # A caller already connected to Ray (a notebook, a test running many invocations) keeps its connection.
-    own_ray = not ray.is_initialized()
-    address = os.environ.get("RAY_ADDRESS")
-    if own_ray and address:
-        ray.init(address=address, log_to_driver=True)
-    elif own_ray:
-        # No dashboard for a run-local Ray: it would take port 8265 from a cluster started beside it.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     try:
         outcomes = execute(
             cfg,
             stages,
             workdir,
             {"uri": uri, "experiment": cfg.tracking.experiment, "parent_run_id": parent},
+            runtime_env=runtime_env(gcs),
         )
     except Exception as err:  # noqa: BLE001 - turned into one line for the user, traceback for the rest
         cause = _root_cause(err)
@@ -103,17 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         if isinstance(cause, StageError):
             print(f"error: {cause}", file=sys.stderr)
-            return 1
+            return 1, [], parent
         raise
-    finally:
-        if own_ray:
-            ray.shutdown()
     tracker.end(parent)
-    for o in outcomes:
-        state = "cached, skipped" if o.cached else f"ran in {o.seconds:.1f}s"
-        print(f"{o.name:10s} {state:18s} {o.output_dir}")
-    print(f"MLflow: mlflow ui --backend-store-uri {uri}  (parent run {parent})")
-    return 0
+    return 0, outcomes, parent
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def image_rows(out_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -204,7 +204,7 @@ from stages.base import StageContext
 from stages.download.stage import run
 cfg = PipelineConfig.model_validate(json.loads(sys.argv[1]))
 out = Path(sys.argv[2])
-ray.init(num_cpus=2, include_dashboard=False)
+ray.init(address="local", num_cpus=2, include_dashboard=False)
 run(StageContext(cfg=cfg, workdir=out.parent, out_dir=out, inputs={}))
 """
 

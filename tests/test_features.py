@@ -115,7 +115,7 @@ def extracted(setup):
 
 @pytest.fixture(scope="module")
 def local_ray(extracted):
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

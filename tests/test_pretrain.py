@@ -18,6 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 
+from pipeline.config import RayConfig
 from stages.base import MetricLogger, StageContext, StageError
 from stages.outputs.features import FeaturesOutput
 from stages.outputs.pretrain import PretrainOutput
@@ -179,7 +180,7 @@ def store(tmp_path_factory):
 def local_ray():
     # Faster failure detection and report collection than the 2 s default (read by the train controller).
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
     os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
@@ -379,7 +380,8 @@ def test_pretrain_stage_end_to_end(store, local_ray, tmp_path):
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("t")).info.run_id
     out = PretrainOutput(tmp_path / "out")
-    ctx = StageContext(cfg=SimpleNamespace(pretrain=cfg, seed=0, runtime=RuntimeConfig()), workdir=tmp_path,
+    ctx = StageContext(cfg=SimpleNamespace(pretrain=cfg, seed=0, runtime=RuntimeConfig(), ray=RayConfig()),
+                       workdir=tmp_path,
                        out_dir=out.root, inputs={"txtdb": store.txtdb.root, "features": store.features.root},
                        mlflow_run_id=run_id, mlflow_tracking_uri=uri)
     result = run_pretrain(ctx)
@@ -396,6 +398,8 @@ def test_pretrain_stage_end_to_end(store, local_ray, tmp_path):
     assert {"itm_acc", "mrc_kl_acc", "zs_ir_r1", "zs_tr_r10", "zs_meta_sum"} <= final.keys()
     assert all(record["throughput"][f"{t}/units_per_s"] > 0 for t in cfg.tasks)
     assert out.missing() == []
+    # Where the two workers ran, for the record (one attempt, both on this machine's one node).
+    assert result.params["attempts"] == 1 and len(result.params["worker_nodes"].split(",")) == 2
 
     model = UniterModel.from_pretrained(out.model_dir)
     assert model.config.img_dim == DIM and model.config.vocab_size == int(

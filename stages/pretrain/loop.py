@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from stages.base import MetricLogger
 from stages.outputs.features import FeaturesOutput
@@ -190,12 +192,17 @@ def setup(spec: LoopSpec) -> Run:
         step = int(state["step"])
         log.info("pretrain: rank %d resumes at step %d", rank, step)
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    nodes = worker_nodes()
+    # Every attempt (the first and each restart from a checkpoint) and the Ray node of each of its ranks.
+    progress["attempts"] = [*progress.get("attempts", []), {"step": step, "nodes": nodes}]
     scorer = None
     if corpus.retrieval is not None:
         index, texts = retrieval_index(corpus.retrieval)
         scorer = RetrievalScorer(model, corpus.retrieval.img_db, index, texts, int(corpus.meta.get("PAD", 0)),
                                  device, autocast)
     if rank == 0:
+        for r, node in enumerate(nodes):
+            log.info("pretrain: rank %d runs on node %s", r, node)
         for note in corpus.notes:
             log.info("pretrain: %s", note)
         log.info("pretrain: %d training captions, %d workers, precision %s, streams %s", len(corpus.train),
@@ -204,6 +211,16 @@ def setup(spec: LoopSpec) -> Run:
     return Run(spec, cfg, corpus, model, ddp, optimizer, schedule, scaler, samplers, task_sampler, by_name,
                examples, device,
                autocast, scorer, spec.metrics if rank == 0 else MetricLogger(), step, progress, totals=totals)
+
+
+def worker_nodes() -> list[str]:
+    """The Ray node id of every rank, on every rank."""
+    node = ray.get_runtime_context().get_node_id()
+    if not distributed.is_distributed():
+        return [node]
+    nodes: list[str | None] = [None] * distributed.world_size()
+    dist.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
 
 
 def validate(run: Run, retrieval: bool) -> dict[str, float]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, ControllerError, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from stages.base import MetricLogger, StageContext, StageError, StageResult
@@ -36,6 +36,8 @@ ALIGNED_ITM_ACC = 0.6
 ALIGNED_R1_OVER_CHANCE = 2.0
 FATAL_MARKER = "fatal.txt"
 NO_RUN = MetricLogger()  # logs nothing
+# Placement of the workers (config ``ray.placement.pretrain``) -> Ray's placement group strategy.
+PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
 
 
 def preflight(cfg: PretrainConfig, seed: int, inputs: PretrainInputs) -> Corpus:
@@ -67,12 +69,17 @@ def preflight(cfg: PretrainConfig, seed: int, inputs: PretrainInputs) -> Corpus:
 
 def build_trainer(cfg: PretrainConfig, inputs: PretrainInputs, storage: Path, *, seed: int,
                   runtime: RuntimeConfig, metrics: MetricLogger = NO_RUN,
-                  hooks: Sequence[Callable[[StepEvent], None]] = ()) -> TorchTrainer:
+                  hooks: Sequence[Callable[[StepEvent], None]] = (), placement: str = "pack",
+                  controller_failure_limit: int = 3) -> TorchTrainer:
     """The TorchTrainer of one pretraining run, checkpointing into ``storage``: its ``fit()`` runs (or, when
     ``storage`` holds checkpoints of the run, resumes) to the last step. Ray Train restarts failed workers
-    from the last checkpoint up to ``cfg.max_failures`` times, except after a deterministic failure (bad
-    data, NaN loss), which the workers record in ``storage/fatal.txt`` so that a retry stops at once;
-    ``fit`` (below) turns either into a one-line StageError. ``metrics``: the MLflow run rank 0 logs to."""
+    (a worker process or its node lost) from the last checkpoint up to ``cfg.max_failures`` times, except
+    after a deterministic failure (bad data, NaN loss), which the workers record in ``storage/fatal.txt`` so
+    that a retry stops at once; ``fit`` (below) turns either into a one-line StageError. ``metrics``: the
+    MLflow run rank 0 logs to. ``placement``: ``pack``, ``spread`` or ``strict_spread`` (the workers'
+    placement group); ``controller_failure_limit``: attempts to start a worker group that cannot be placed
+    (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) before the run fails, -1 for no limit. ``storage``
+    must be a path every node of the cluster sees."""
     storage.mkdir(parents=True, exist_ok=True)
     marker = storage / FATAL_MARKER
     marker.unlink(missing_ok=True)  # a new attempt gets a fresh chance
@@ -85,11 +92,12 @@ def build_trainer(cfg: PretrainConfig, inputs: PretrainInputs, storage: Path, *,
         # Not dataclasses.asdict: it would turn hooks and the logger, dataclasses, into dicts.
         train_loop_config={f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=PLACEMENT[placement]),
         run_config=RunConfig(
             storage_path=str(storage.resolve()),
             name=RUN_NAME,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                         controller_failure_limit=controller_failure_limit),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
@@ -103,6 +111,15 @@ def fit(trainer: TorchTrainer, storage: Path) -> Result:
     except Exception as err:
         if marker.is_file():
             raise StageError(marker.read_text()) from None
+        if isinstance(err, ControllerError):
+            scaling = trainer.scaling_config
+            limit = trainer.run_config.failure_config.controller_failure_limit
+            cause = err.controller_failure
+            raise StageError(
+                f"pretrain: {scaling.num_workers} workers ({scaling.placement_strategy}, "
+                f"{scaling.resources_per_worker} each) could not be started after {limit + 1} attempts "
+                f"({type(cause).__name__}); add nodes or free resources, or lower pretrain.num_workers or "
+                f"ray.placement.pretrain") from None
         lines = [line for line in str(err).splitlines() if line.strip()]
         raise StageError(f"pretrain: training failed ({type(err).__name__}: "
                          f"{lines[-1] if lines else 'no message'})") from None
@@ -130,7 +147,8 @@ def export(cfg: PretrainConfig, corpus: Corpus, checkpoint_dir: Path, tokenizer_
         "notes": corpus.notes,
     }
     out.write_metrics(record)
-    return record
+    # Where the workers ran (Ray node ids by rank, per attempt): the run's record, not a result.
+    return record | {"attempts": progress.get("attempts", [])}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -140,8 +158,10 @@ def run(ctx: StageContext) -> StageResult:
     corpus = preflight(cfg, ctx.cfg.seed, inputs)
     for note in corpus.notes:
         ctx.log.info("pretrain: %s", note)
+    # ctx.cfg.ray is in no cache key: where the workers run changes no result.
     trainer = build_trainer(cfg, inputs, out.train_dir, seed=ctx.cfg.seed, runtime=ctx.cfg.runtime,
-                            metrics=ctx.metrics)
+                            metrics=ctx.metrics, placement=ctx.cfg.ray.placement.pretrain,
+                            controller_failure_limit=ctx.cfg.ray.controller_failure_limit)
     result = fit(trainer, out.train_dir)
     with result.checkpoint.as_directory() as directory:
         record = export(cfg, corpus, Path(directory), inputs.txtdb.tokenizer_dir, out)
@@ -153,6 +173,13 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {k: float(v) for k, v in curves.items() if np.isfinite(v)}
     params = {"tasks": dict(sorted(cfg.tasks.items())), "model_size": cfg.model.size,
               "num_workers": cfg.num_workers, "train_captions": len(corpus.train)}
+    attempts = record["attempts"]
+    if attempts:
+        last = attempts[-1]["nodes"]
+        ctx.log.info("pretrain: %d attempt(s); the last one's ranks ran on nodes %s", len(attempts), last)
+        params |= {"placement": ctx.cfg.ray.placement.pretrain, "attempts": len(attempts),
+                   "worker_nodes": ",".join(last)}
+        metrics |= {"workers/nodes": float(len(set(last)))}
     images = len(set(corpus.retrieval.img_keys)) if corpus.retrieval is not None else 0
     verdict = alignment_verdict(record["final"], images)
     if verdict["alignment"] == "at_chance":
