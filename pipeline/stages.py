@@ -55,6 +55,11 @@ class StageSpec:
         return lambda ctx: entry(ctx, *self.args)
 
 
+def _trained_detector(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The detector stage, when the stages that pool features need its weights (none configured)."""
+    return ("detector",) if cfg.features.detector.weights is None else ()
+
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -96,7 +101,7 @@ STAGES: dict[str, StageSpec] = {
             # train weights when none are configured.
             upstream=lambda cfg: (
                 ("download", "dedup")
-                + (("detector",) if cfg.features.detector.weights is None else ())
+                + _trained_detector(cfg)
                 + (("world",) if cfg.download.source == "world" else ())
             ),
             files=lambda cfg: (
@@ -110,8 +115,7 @@ STAGES: dict[str, StageSpec] = {
             output=FeaturesOutput,
             entry="stages.feature_extraction.gt_features:run",
             config=("features",),
-            upstream=lambda cfg: ("download",)
-            + (("detector",) if cfg.features.detector.weights is None else ()),
+            upstream=lambda cfg: ("download", *_trained_detector(cfg)),
             files=lambda cfg: (cfg.features.detector.weights,),
         ),
         StageSpec(
@@ -119,8 +123,7 @@ STAGES: dict[str, StageSpec] = {
             output=EntityFeaturesOutput,
             entry="stages.feature_extraction.gt_features:run_entities",
             config=("features", "eval.retrieval.isda_splits"),
-            upstream=lambda cfg: ("download",)
-            + (("detector",) if cfg.features.detector.weights is None else ()),
+            upstream=lambda cfg: ("download", *_trained_detector(cfg)),
             files=lambda cfg: (cfg.features.detector.weights,),
         ),
         StageSpec(
