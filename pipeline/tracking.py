@@ -46,8 +46,9 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
 
-    def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-        all_tags = dict(tags or {})
+    def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, Any] | None = None) -> str:
+        # A REST tracking server (multi-node runs) accepts only string tag values; sqlite coerces.
+        all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id

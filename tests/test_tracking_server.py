@@ -31,7 +31,8 @@ def test_the_run_scoped_server_serves_the_work_dirs_store_and_is_gone_after(tmp_
         assert address.hostname == "127.0.0.1"
         assert serving(tmp_path / "mlflow.db")
         tracker = Tracker(uri, "vlp-pipeline", tmp_path)
-        run_id = tracker.start_run("pretrain", tags={"stage": "pretrain"})
+        # The stage runner's tags as it passes them: a seed is an int, or None when the plan has one seed.
+        run_id = tracker.start_run("pretrain", tags={"stage": "pretrain", "seed": 1, "group": None})
         tracker.log(run_id, params={"worker_nodes": "a,b"})
         tracker.end(run_id)
     assert serving(tmp_path / "mlflow.db") == []
@@ -40,3 +41,4 @@ def test_the_run_scoped_server_serves_the_work_dirs_store_and_is_gone_after(tmp_
     # The store the server wrote is the one a one-node run writes directly.
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
     assert run.data.params["worker_nodes"] == "a,b" and run.info.status == "FINISHED"
+    assert run.data.tags["seed"] == "1" and "group" not in run.data.tags
