@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import ot
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from vlp.model.config import UniterConfig
 from vlp.model.uniter import UniterModel
-from vlp.objectives import ITC, ITM, MLM, MRC, MRCKL, MRFR, REGISTRY
+from vlp.objectives import ITC, ITM, MLM, MRC, MRCKL, MRFR, REGISTRY, Codebook, ITCIntra
 from vlp.objectives.itc import contrastive_loss, positives
 from vlp.objectives.itm import itm_loss, sample_negatives, word_positions, wra_loss
 from vlp.objectives.masking import IGNORE_INDEX, TokenMasking, mask_regions, mask_tokens
@@ -367,7 +368,8 @@ def test_itm_batch_of_one_image_has_no_negatives():
 
 
 def test_registry_and_requirements():
-    assert REGISTRY == {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM, "itc": ITC}
+    assert REGISTRY == {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM, "itc": ITC,
+                        "itc_intra": ITCIntra, "codebook": Codebook}
     assert {name: cls.requires for name, cls in REGISTRY.items()} == {
         "mlm": (),
         "mrfr": (),
@@ -375,6 +377,8 @@ def test_registry_and_requirements():
         "mrc_kl": ("soft_labels",),
         "itm": (),
         "itc": (),
+        "itc_intra": (),
+        "codebook": (),
     }
 
 
@@ -398,12 +402,17 @@ def test_every_objective_trains_under_bf16_autocast():
     model = _model().train()
     options = {"mlm": TOKEN_OPTIONS, "mrc": {"label_dim": LABEL_DIM}, "mrc_kl": {"label_dim": LABEL_DIM}}
     batch = _batch([5, 9, 3, 7], [6, 10, 4, 8], keys=["a", "b", "c", "d"])
+    # itc_intra and codebook build on an itc task with a queue (vlp.objectives.itc.core); no teacher here.
+    context = SimpleNamespace(objectives={"itc": ITC(model, queue_size=4, distill=0.4)}, teacher=None)
     for name, cls in REGISTRY.items():
         objective = cls(model, **options.get(name, {}))
         prepared = objective.prepare(batch, torch.Generator().manual_seed(0))
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = objective(model, prepared)
+            if getattr(objective, "uses_context", False):
+                out = objective(model, prepared, context=context)
+            else:
+                out = objective(model, prepared)
         loss = sum(value for key, value in out.items() if key.endswith("_loss"))
         assert torch.isfinite(loss), name
         loss.backward()

@@ -257,6 +257,31 @@ def test_full_and_shortlist_scoring_agree_when_the_shortlist_covers_everything(s
     assert 0 < scored.sum() < scored.numel() and (small[scored] - full[scored]).abs().max() < 1e-5
 
 
+def test_itc_shortlist_mode_uses_the_pretrained_itc_embeddings(store):
+    from stages.eval.config import RetrievalEvalConfig
+    from stages.eval.retrieval import score_modes
+    from vlp.objectives.itc import ITC
+    from vlp.tasks.retrieval import itc_similarity
+
+    txt_db, img_db, tok = store
+    data = RetrievalDataset([txt_db], img_db)
+    model = tiny_model(len(tok.get_vocab()), seed=3)
+    itc = ITC(model, embed_dim=8)
+    scorer = PairScorer(model, Retrieval(model.config), img_db, data.index.img_keys,
+                        [data.text(j) for j in range(len(data))])
+    sim = itc_similarity(scorer, itc, chunk=5)
+    images = scorer.regions(range(8))
+    texts = scorer.text_batch(range(16))
+    expected = (itc.embed_images(model.eval(), *(images[k] for k in ("img_feat", "img_pos_feat", "img_mask")))
+                @ itc.embed_texts(model, *(texts[k] for k in ("input_ids", "position_ids", "txt_mask"))).T)
+    torch.testing.assert_close(sim, expected, atol=1e-5, rtol=0)
+    cfg = RetrievalEvalConfig(modes=("full", "itc_shortlist"), shortlist_k=2)
+    with_itc = score_modes(scorer, data.index.txt2img, cfg, itc)
+    assert sorted(with_itc) == ["full", "itc_shortlist"]
+    assert 0 < with_itc["itc_shortlist"].metrics["pairs_scored"] < with_itc["full"].metrics["pairs_scored"]
+    assert sorted(score_modes(scorer, data.index.txt2img, cfg)) == ["full"]  # no itc head: mode skipped
+
+
 def test_texts_of_images_missing_from_the_store_are_listed_and_left_out(store):
     txt_db, img_db, _ = store
     data = RetrievalDataset([txt_db], img_db)

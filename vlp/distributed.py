@@ -74,3 +74,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Every worker's ``tensor`` concatenated along dim 0 in rank order (the input itself in one process).
+
+    Workers may hold different numbers of rows (batches are built by input units); the other dims and the
+    dtype must agree. The result is detached, on the input's device: gathered rows carry no gradient.
+    """
+    if not is_distributed():
+        return tensor.detach()
+    device = _collective_device(tensor)
+    rows = torch.tensor([tensor.shape[0]], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(rows) for _ in range(world_size())]
+    dist.all_gather(counts, rows)
+    sizes = [int(c) for c in counts]
+    padded = tensor.detach().new_zeros((max(sizes), *tensor.shape[1:]), device=device)
+    padded[: tensor.shape[0]] = tensor.detach().to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)]).to(tensor.device)

@@ -23,8 +23,10 @@ class RetrievalEvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # full: the cross-encoder scores every image x text pair; shortlist: only each text's top-k images and
-    # each image's top-k texts by unimodal similarity, the rest ranked last.
-    modes: tuple[Literal["full", "shortlist"], ...] = ("full", "shortlist")
+    # each image's top-k texts by unimodal similarity, the rest ranked last; itc_shortlist: the same with the
+    # pretrained itc task's contrastive similarity (ALBEF), for the zero-shot model of a pretraining with
+    # the itc task (other models skip it).
+    modes: tuple[Literal["full", "shortlist", "itc_shortlist"], ...] = ("full", "shortlist")
     shortlist_k: int = Field(16, ge=1)
     chunk: tuple[int, int] = (8, 64)  # images x texts per cross-encoder call of full scoring
     rerank_chunk: int = Field(128, ge=1)  # images per call when reranking one text's shortlist
@@ -45,7 +47,8 @@ class RetrievalEvalConfig(BaseModel):
     @model_validator(mode="after")
     def _some_mode(self) -> RetrievalEvalConfig:
         if not self.modes or len(set(self.modes)) != len(self.modes):
-            raise ValueError(f"modes must list full and/or shortlist once each, got {self.modes}")
+            raise ValueError(f"modes must list full, shortlist and/or itc_shortlist once each, got "
+                             f"{self.modes}")
         return self
 
 

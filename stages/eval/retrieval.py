@@ -27,6 +27,7 @@ from vlp.tasks.retrieval import (
     PairScorer,
     annotated_regions,
     detected_regions_by_iou,
+    itc_similarity,
     sentence_isda,
     text_to_image_attention,
     unimodal_similarity,
@@ -39,17 +40,23 @@ class ModeResult:
     curve: dict[str, list[float]]  # ir / tr: recall@K for K = 1..recall_curve_k
 
 
-def score_modes(scorer: PairScorer, txt2img: torch.Tensor, cfg: RetrievalEvalConfig) -> dict[str, ModeResult]:
-    """Score the split once per configured mode; seconds and pairs scored say what each mode cost."""
+def score_modes(scorer: PairScorer, txt2img: torch.Tensor, cfg: RetrievalEvalConfig,
+                itc: Any = None) -> dict[str, ModeResult]:
+    """Score the split once per configured mode; seconds and pairs scored say what each mode cost.
+    ``itc``: the pretrained model's itc objective (its projections) for ``itc_shortlist``; a model without
+    one (a finetuned variant) skips that mode."""
     n_img, n_txt = len(scorer.img_keys), len(scorer.texts)
     out = {}
     for mode in cfg.modes:
+        if mode == "itc_shortlist" and itc is None:
+            continue
         scorer.pairs_scored = 0
         start = time.perf_counter()
         if mode == "full":
             scores = score_all_pairs(scorer, n_img, n_txt, *cfg.chunk)
         else:
-            sim = unimodal_similarity(scorer, cfg.unimodal_chunk)
+            sim = (unimodal_similarity(scorer, cfg.unimodal_chunk) if mode == "shortlist"
+                   else itc_similarity(scorer, itc, cfg.unimodal_chunk))
             scores = shortlist_rerank(sim, scorer, cfg.shortlist_k, cfg.rerank_chunk)
         seconds = time.perf_counter() - start
         ks = range(1, cfg.recall_curve_k + 1)

@@ -7,8 +7,9 @@ are splits; RefCOCO puts the detected-region accuracy (``refcoco_acc``) and the 
 split (test-dev2015 / test2015: no answers) gets no metrics but the evaluation server's results file
 (``EvalOutput.vqa_results_path``). Retrieval
 adds the zero-shot model (the pretrained encoder with its ITM head), scores each test split in every
-``eval.retrieval.modes`` (sections ``test/full``, ``test/shortlist``: recall@1/5/10, Meta-Sum, seconds,
-pairs scored), measures ISDa on Flickr30k Entities (section ``isda``) and draws
+``eval.retrieval.modes`` (sections ``test/full``, ``test/shortlist``, ``test/itc_shortlist`` for a zero-shot
+model with the itc head: recall@1/5/10, Meta-Sum, seconds, pairs scored), measures ISDa on Flickr30k
+Entities (section ``isda``) and draws
 ``figures/recall_<dataset>_<split>.png`` and ``figures/attention_<dataset>_<split>.png`` (one row of pairs
 per model). The MLflow metrics are ``<variant>/<section>/<metric>``.
 """
@@ -119,7 +120,8 @@ def eval_task(s: Setup, task: str) -> tuple[Metrics, list[str]]:
 
 
 def _retrieval_models(s: Setup, dataset: str):
-    """(name, encoder, rank head) of the zero-shot model and of each finetuned variant of ``dataset``."""
+    """(name, encoder, rank head, itc objective or None) of the zero-shot model and of each finetuned variant
+    of ``dataset``; only a zero-shot model pretrained with the itc task has the itc head."""
     if s.cfg.retrieval.zero_shot:
         pretrained = s.pre.model()
         head = Retrieval(pretrained.encoder.config)
@@ -127,7 +129,8 @@ def _retrieval_models(s: Setup, dataset: str):
             head.init_from_itm(pretrained.objectives.state_dict(), str(s.pre.model_dir / "heads.pt"))
         except ValueError as err:
             raise StageError(str(err)) from None
-        yield f"{dataset}/zero_shot", pretrained.encoder, head
+        itc = pretrained.objectives["itc"] if "itc" in pretrained.objectives else None
+        yield f"{dataset}/zero_shot", pretrained.encoder, head, itc
     for variant in s.variants:
         if variant["dataset"] != dataset:
             continue
@@ -138,7 +141,7 @@ def _retrieval_models(s: Setup, dataset: str):
         except (TypeError, ValueError) as err:
             raise StageError(f"{s.finetuned.variant_dir(name)}: not a retrieval checkpoint ({err})") from None
         s.finetuned.load_head(head, model, name)
-        yield name, model.encoder, head
+        yield name, model.encoder, head, None
 
 
 def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
@@ -167,12 +170,14 @@ def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
                                    setting=SKIP_SETTING, log=ctx.log)
             texts = [test.text(j) for j in range(len(test))]
             curves, maps = {}, {}
-            for name, model, head in _retrieval_models(s, dataset):
+            for name, model, head, itc in _retrieval_models(s, dataset):
                 model.to(s.device)
                 head.to(s.device)
+                if itc is not None:
+                    itc.to(s.device)
                 scorer = PairScorer(model, head, s.img_db, test.index.img_keys, texts, pad_id=test.pad_id,
                                     device=s.device, autocast=s.autocast, release_every=rcfg.release_every)
-                results = score_modes(scorer, test.index.txt2img, rcfg)
+                results = score_modes(scorer, test.index.txt2img, rcfg, itc)
                 log_summary(ctx.log, name, results)
                 sections = metrics.setdefault(name, {})
                 sections |= {f"{split}/{mode}": r.metrics for mode, r in results.items()}

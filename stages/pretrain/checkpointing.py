@@ -2,12 +2,14 @@
 
 A checkpoint dir (reported through ``ray.train.report`` by rank 0) holds::
 
-    state.pt        model (encoder + heads), optimizer, LR schedule, loss scaler, step, the batch samplers'
-                    positions per task and the task sampler's state
+    state.pt        model (encoder + heads, with the itc task's feature queues and, when configured, the
+                    momentum teacher: both are part of the model's state dict), optimizer, LR schedule, loss
+                    scaler, step, the batch samplers' positions per task and the task sampler's state
     progress.json   step and the validation metrics so far (readable without torch)
 
-Randomness needs no saved state: dropout is reseeded from (seed, step, rank) every step and masking from
-(seed, task, epoch, batch), so a resumed run continues exactly as an uninterrupted one would.
+Randomness needs no saved state: dropout is reseeded from (seed, step, rank) every step and masking (and
+ITM's contrastive negatives) from (seed, task, epoch, batch), so a resumed run continues exactly as an
+uninterrupted one would.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ from its inputs (the features stage's declared rule, the text dbs as txtdb wrote
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlp.train.optim import OptimConfig
@@ -30,6 +32,12 @@ class ValidationConfig(BaseModel):
     retrieval_every: int = Field(750, ge=0)  # steps between retrieval runs; 0: only at step 0 and at the end
     retrieval_max_images: int | None = Field(None, ge=1)  # the first N images (and their texts) only
     retrieval_chunk: tuple[int, int] = (4, 32)  # images x texts scored per forward pass
+    # Zero-shot retrieval's scoring: full = the ITM head on every pair (val/zs_*); itc_rerank (ALBEF's
+    # retrieval; needs the itc task) = the itc task's contrastive similarity shortlists each text's top-k
+    # images and each image's top-k texts and the ITM head reranks them (val/zs_itc_rerank_*), the
+    # similarity alone ranking everything too (val/zs_itc_*).
+    retrieval_modes: tuple[Literal["full", "itc_rerank"], ...] = ("full",)
+    retrieval_shortlist_k: int = Field(16, ge=1)
 
 
 class DatasetMix(BaseModel):
@@ -76,6 +84,13 @@ class PretrainConfig(ObjectivesConfig):
         names = self.db_names()
         if len(set(names)) != len(names):
             raise ValueError(f"train_dbs lists a text db twice: {names}")
+        modes = self.validation.retrieval_modes
+        if not modes or len(set(modes)) != len(modes):
+            raise ValueError(f"validation.retrieval_modes must list full and/or itc_rerank once each, got "
+                             f"{modes}")
+        if "itc_rerank" in modes and "itc" not in self.tasks:
+            raise ValueError("validation.retrieval_modes: itc_rerank shortlists by the itc task's "
+                             "similarity: add itc to tasks")
         return self
 
     def db_names(self) -> list[str]:

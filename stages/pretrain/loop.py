@@ -232,7 +232,8 @@ def validate(run: Run, retrieval: bool) -> dict[str, float]:
         metrics |= validate_tasks(run.model, list(cfg.tasks), corpus.val, corpus.val_lens, units, run.seed,
                                   run.pad_id, run.device, run.autocast)
     if retrieval and run.scorer is not None:
-        recalls = zero_shot_retrieval(run.scorer, cfg.validation.retrieval_chunk)
+        recalls = zero_shot_retrieval(run.scorer, cfg.validation.retrieval_chunk,
+                                      cfg.validation.retrieval_modes, cfg.validation.retrieval_shortlist_k)
         metrics |= {f"zs_{k}": v for k, v in recalls.items()}
     if metrics and distributed.is_main():
         log.info("pretrain: validation at step %d (%.1fs): %s", run.step, time.perf_counter() - start,
@@ -305,6 +306,7 @@ def train_step(run: Run, stream: Stream) -> tuple[MetricSums, float, float]:
         if not math.isfinite(grad_norm):
             fail(run, task, f"non-finite gradient norm {grad_norm}")
         run.optimizer.step()
+    run.model.momentum_update()  # the EMA teacher follows every step's student (no-op without a teacher)
     run.schedule.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1

@@ -91,13 +91,15 @@ def score_all_pairs(score_fn: ScoreFn, n_img: int, n_txt: int, img_chunk: int, t
     return out
 
 
-def shortlist_rerank(sim: Tensor, score_fn: ScoreFn, k: int, chunk: int = 256) -> Tensor:
+def shortlist_rerank(sim: Tensor, score_fn: ScoreFn, k: int, chunk: int = 256,
+                     texts: Sequence[int] | None = None) -> Tensor:
     """Cross-encoder scores for the shortlisted pairs only; every other pair is ``-inf``.
 
     The shortlist of text ``t`` is the union of its top-``k`` images by ``sim`` and of the images
     that have ``t`` among their top-``k`` texts, so both retrieval directions see their candidates.
     Each text's shortlist is scored with one ``score_fn(images, [t])`` call per ``chunk`` images.
     Ties in ``sim`` are broken by the lower index (stable sort), so the shortlist is deterministic.
+    ``texts``: score only these texts' shortlists (one worker's share); the others stay ``-inf``.
     """
     if sim.dim() != 2 or sim.shape[0] < 1 or sim.shape[1] < 1:
         raise ValueError(
@@ -121,7 +123,7 @@ def shortlist_rerank(sim: Tensor, score_fn: ScoreFn, k: int, chunk: int = 256) -
         candidate[rows[:, None].expand_as(top_txt), top_txt] = True
 
     out = torch.full((n_img, n_txt), float("-inf"), dtype=torch.float32)
-    for t in range(n_txt):
+    for t in range(n_txt) if texts is None else texts:
         images = candidate[:, t].nonzero().squeeze(1)
         txt_idx = torch.tensor([t])
         for c0 in range(0, images.numel(), chunk):

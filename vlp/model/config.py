@@ -40,6 +40,10 @@ class UniterConfig(BaseModel):
     # A masked region's feature: zeros (the UNITER paper, Section 3.1) or zeros plus a learned img_dim vector
     # (the official code's mask_embedding, model/model.py UniterImageEmbeddings).
     img_mask_embedding: bool = False
+    # Align before fuse (ALBEF, CODIS): the first fusion_start layers attend within each modality only (text
+    # to text, regions to regions: block-diagonal attention), the rest across both. 0 is UNITER (every layer
+    # fuses). The unimodal stage shares its weights with the fusion stage (ALBEF has separate encoders).
+    fusion_start: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> UniterConfig:
@@ -47,6 +51,11 @@ class UniterConfig(BaseModel):
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                 f"{self.num_attention_heads}"
+            )
+        if self.fusion_start >= self.num_hidden_layers:
+            raise ValueError(
+                f"fusion_start {self.fusion_start} leaves no fusion layer of the {self.num_hidden_layers} "
+                f"(it must be below num_hidden_layers)"
             )
         return self
 

@@ -62,12 +62,14 @@ class UniterModel(nn.Module):
         txt_type_ids: Tensor | None = None,
         img_type_ids: Tensor | None = None,
         attn_layer: int | None = None,
+        depth: int | None = None,
     ) -> UniterOutput:
         """Encode a batch; Lt = 0 (image only) and N = 0 (text only) are allowed.
 
         input_ids, position_ids Long[B, Lt]; txt_mask Bool[B, Lt]; img_feat [B, N, img_dim];
         img_pos_feat [B, N, pos_dim]; img_mask Bool[B, N]; img_masked Bool[B, N] zeroes those regions'
-        features; attn_layer (negative counts from the end) also returns that layer's attention.
+        features; attn_layer (negative counts from the end) also returns that layer's attention; depth runs
+        the first `depth` layers only (``config.fusion_start``: the unimodal features of align-before-fuse).
         """
         self._check_shapes(input_ids, position_ids, txt_mask, img_feat, img_pos_feat, img_mask)
         txt_mask, img_mask = txt_mask.bool(), img_mask.bool()
@@ -86,7 +88,7 @@ class UniterModel(nn.Module):
         real = torch.cat([txt_rows[0] * length + txt_rows[1], img_rows[0] * length + text_len + img_rows[1]])
         packed = torch.cat([text, image])
         key_mask = torch.cat([txt_mask, img_mask], dim=1)
-        sequence_output, attention = self.encoder(packed, real, key_mask, attn_layer)
+        sequence_output, attention = self.encoder(packed, real, key_mask, attn_layer, text_len, depth)
         return UniterOutput(sequence_output, attention)
 
     def pool(self, sequence_output: Tensor) -> Tensor:

@@ -482,6 +482,22 @@ def unimodal_similarity(scorer: PairScorer, chunk: int = 256) -> Tensor:
     return (torch.cat(img_emb) @ torch.cat(txt_emb).T).cpu()
 
 
+@torch.no_grad()
+def itc_similarity(scorer: PairScorer, itc: Any, chunk: int = 256) -> Tensor:
+    """Cosine similarity [n_img, n_txt] of the pretraining itc task's projected unimodal embeddings
+    (``vlp.objectives.itc.ITC.embed_texts`` / ``embed_images``: ALBEF's contrastive shortlist)."""
+    model, device = scorer.model, scorer.device
+    txt_emb, img_emb = [], []
+    with scorer.autocast(), evaluating(model), evaluating(itc):
+        for t0 in range(0, len(scorer.texts), chunk):
+            texts = _to(scorer.text_batch(range(t0, min(t0 + chunk, len(scorer.texts)))), device)
+            txt_emb.append(itc.embed_texts(model, *(texts[k] for k in TEXT_FIELDS)))
+        for i0 in range(0, len(scorer.img_keys), chunk):
+            images = _to(scorer.regions(range(i0, min(i0 + chunk, len(scorer.img_keys)))), device)
+            img_emb.append(itc.embed_images(model, *(images[k] for k in IMAGE_FIELDS)))
+    return (torch.cat(img_emb) @ torch.cat(txt_emb).T).float().cpu()
+
+
 @dataclass(frozen=True)
 class EntityPhrase:
     first_word: int  # index of the phrase's first word in the sentence split on spaces

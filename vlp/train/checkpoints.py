@@ -96,8 +96,10 @@ def pretrained_config(directory: Path, dropout: float | None = None) -> UniterCo
 
 
 def load_pretrained(directory: Path, dropout: float | None = None) -> PretrainModel:
-    """The encoder and objective heads a pretrained model dir holds (on the CPU)."""
-    model = build_model(pretrained_config(directory, dropout), _read_json(directory / HEADS_CONFIG))
+    """The encoder and objective heads a pretrained model dir holds (on the CPU); no momentum teacher (a
+    training device, not part of the model dir)."""
+    model = build_model(pretrained_config(directory, dropout), _read_json(directory / HEADS_CONFIG),
+                        teacher=False)
     load_state(model.encoder, _read_state(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
     load_state(model.objectives, _read_state(directory / HEADS_FILE), directory / HEADS_FILE)
     return model

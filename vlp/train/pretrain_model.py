@@ -1,19 +1,25 @@
 """The model pretraining optimizes: the UNITER encoder plus one objective module (heads) per task, and the
-config of both (the encoder size and the objectives' options are stored with every pretrained model)."""
+config of both (the encoder size and the objectives' options are stored with every pretrained model). With
+a queue, soft targets or teacher plans configured (``itc_queue``, ``itc_distill``, ``codebook_plans``) the
+model also holds a momentum teacher (``vlp.objectives.momentum``): no optimizer sees it, the loop updates it
+after every optimizer step (``momentum_update``) and checkpoints save it with the model."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from vlp.model import UniterConfig, UniterModel, init_from_bert
 from vlp.objectives import REGISTRY
-from vlp.objectives.itc import ITC
+from vlp.objectives.codebook import Codebook
+from vlp.objectives.itc import ITC, ITCIntra
 from vlp.objectives.itm import ITM
 from vlp.objectives.mlm import MLM
+from vlp.objectives.momentum import MomentumTeacher
 from vlp.objectives.mrm import MaskedRegionObjective
 
 
@@ -29,6 +35,9 @@ class ModelConfig(BaseModel):
     # A masked region's feature: zeros (the paper) or zeros + a learned vector (the official code);
     # vlp.model.embeddings.ImageEmbeddings.
     masked_region: Literal["zeros", "learned"] = "zeros"
+    # Align before fuse: the first fusion_start layers attend within each modality only, the ITC features
+    # are taken at that depth ([CLS] / mean of regions); 0 is UNITER. vlp.model.encoder.
+    fusion_start: int = Field(0, ge=0)
 
 
 class ObjectivesConfig(BaseModel):
@@ -44,13 +53,33 @@ class ObjectivesConfig(BaseModel):
     # Where ITM's negative images come from: corpus = any other image of the caption's text db, redrawn each
     # epoch (UNITER's ItmDataset; the paper: "a randomly-selected one from other samples"); batch = another
     # example's image in the same batch. Validation ITM always uses in-batch donors (vlp.objectives.itm).
-    itm_negatives: Literal["corpus", "batch"] = "corpus"
+    # contrastive = one hard negative image per text and one negative text per image of the batch, drawn by
+    # the itc task's similarity (ALBEF, CODIS; needs the itc task). vlp.objectives.itm.
+    itm_negatives: Literal["corpus", "batch", "contrastive"] = "corpus"
     wra: bool = True  # word-region alignment (optimal transport) alongside ITM
     wra_weight: float = Field(0.1, ge=0)
     wra_beta: float = Field(0.5, gt=0)
     wra_iters: int = Field(50, ge=1)
     itc_dim: int = Field(256, ge=1)  # ITC's projection size (ALBEF, CODIS: 256)
     itc_temperature: float = Field(0.07, ge=1e-3, le=0.5)  # its initial (learnable) temperature
+    # ALBEF / CODIS (vlp.objectives.itc): a queue of the momentum teacher's features of recent batches
+    # (gathered from every worker) as extra candidates, 0 = the batch only (CODIS: 65,536; keep it well
+    # below the training captions); the weight of the teacher's soft targets against the one-hot positives
+    # (ALBEF's alpha_d 0.4; 0 = one-hot only). Either gives the model a momentum teacher.
+    itc_queue: int = Field(0, ge=0)
+    itc_distill: float = Field(0.0, ge=0, le=1)
+    teacher_momentum: float = Field(0.995, ge=0, lt=1)  # the teacher's EMA rate alpha (CODIS Eq. 6)
+    # CODIS's codebook (vlp.objectives.codebook): prototypes (the paper: 4,000 on 4M images; keep K well
+    # below the training images), the weight of its two losses (Table 4: 0.5x, 2x), the features its
+    # transport plans come from, whose plan supervises each modality's prototype prediction (cross: the
+    # other modality's, Eq. 2; same: Algorithm 1), and IPOT's beta and iterations (the paper gives none:
+    # WRA's).
+    codebook_size: int = Field(64, ge=1)
+    codebook_weight: float = Field(1.0, ge=0)
+    codebook_plans: Literal["teacher", "student"] = "teacher"
+    codebook_targets: Literal["cross", "same"] = "cross"
+    codebook_beta: float = Field(0.5, gt=0)
+    codebook_iters: int = Field(50, ge=1)
     # WRA's text side: the words (the paper) or every text token incl. [CLS] / [SEP] (the official code).
     wra_cls_sep: bool = False
     # MRC-kl: KL per region averaged over regions (the paper) or also / (C+1) (element: the official code).
@@ -63,24 +92,59 @@ class ObjectivesConfig(BaseModel):
             raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(REGISTRY)}")
         if not self.tasks or any(r <= 0 for r in self.tasks.values()):
             raise ValueError(f"tasks must map at least one task to a ratio > 0, got {self.tasks}")
+        needs_itc = [t for t in ("itc_intra", "codebook") if t in self.tasks]
+        if "itm" in self.tasks and self.itm_negatives == "contrastive":
+            needs_itc.append("itm with itm_negatives=contrastive")
+        if needs_itc and "itc" not in self.tasks:
+            raise ValueError(f"{', '.join(needs_itc)} build(s) on the itc task (its projections, temperature "
+                             "and queues): add itc to tasks")
+        if "itc_intra" in self.tasks and not (self.itc_queue or self.itc_distill):
+            raise ValueError("itc_intra contrasts against the momentum teacher's features: set itc_queue > 0 "
+                             "or itc_distill > 0")
         return self
 
 
 class PretrainModel(nn.Module):
-    """``forward(task, batch)`` runs one objective; a single module so that DDP sees every parameter."""
+    """``forward(task, batch)`` runs one objective; a single module so that DDP sees every parameter.
 
-    def __init__(self, encoder: UniterModel, objectives: Mapping[str, nn.Module]):
+    ``teacher``: whether to hold the momentum teacher the objectives ask for (``wants_teacher``): an EMA copy
+    of the encoder and of the itc task's projections, made at construction (after BERT initialisation),
+    without gradient. Objectives marked ``uses_context`` get this model as ``context`` (the teacher, the itc
+    task's heads and queues); the others run as they always did."""
+
+    def __init__(self, encoder: UniterModel, objectives: Mapping[str, nn.Module], teacher: bool = True):
         super().__init__()
         self.encoder = encoder
         self.objectives = nn.ModuleDict(dict(objectives))
+        wanted = [task for task, o in self.objectives.items() if getattr(o, "wants_teacher", False)]
+        self.teacher: MomentumTeacher | None = None
+        if wanted and teacher:
+            if "itc" not in self.objectives:
+                raise ValueError(f"task(s) {wanted} want a momentum teacher, which follows the itc task's "
+                                 "projections: add itc")
+            self.teacher = MomentumTeacher(self.teacher_students(), self.objectives["itc"].momentum)
+
+    def teacher_students(self) -> dict[str, nn.Module]:
+        """The student modules the teacher holds EMA copies of, by the names objectives look them up by."""
+        return {"encoder": self.encoder, **self.objectives["itc"].teacher_parts()}
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """One EMA step of the teacher toward the current student (a no-op without a teacher)."""
+        if self.teacher is not None:
+            self.teacher.update(self.teacher_students())
 
     def forward(self, task: str, batch: dict) -> dict[str, Tensor]:
-        return self.objectives[task](self.encoder, batch)
+        objective = self.objectives[task]
+        if getattr(objective, "uses_context", False):
+            return objective(self.encoder, batch, context=self)
+        return objective(self.encoder, batch)
 
 
 def encoder_config(model: ModelConfig, vocab_size: int, img_dim: int) -> UniterConfig:
     over: dict[str, Any] = {"vocab_size": vocab_size, "img_dim": img_dim,
-                            "img_mask_embedding": model.masked_region == "learned"}
+                            "img_mask_embedding": model.masked_region == "learned",
+                            "fusion_start": model.fusion_start}
     if model.dropout is not None:
         over |= {"hidden_dropout_prob": model.dropout, "attention_probs_dropout_prob": model.dropout}
     return UniterConfig.preset(model.size, **over)
@@ -101,14 +165,21 @@ def objective_options(cfg: ObjectivesConfig, meta: Mapping[str, Any], label_dim:
         "mrc": {**masked, "label_dim": label_dim},
         "mrc_kl": {**masked, "label_dim": label_dim, "kl_norm": cfg.mrc_kl_norm},
         "itm": {"neg_prob": cfg.itm_neg_prob, "wra": cfg.wra, "wra_beta": cfg.wra_beta,
-                "wra_iters": cfg.wra_iters, "wra_cls_sep": cfg.wra_cls_sep},
-        "itc": {"embed_dim": cfg.itc_dim, "temperature": cfg.itc_temperature},
+                "wra_iters": cfg.wra_iters, "wra_cls_sep": cfg.wra_cls_sep, "negatives": cfg.itm_negatives},
+        "itc": {"embed_dim": cfg.itc_dim, "temperature": cfg.itc_temperature, "queue_size": cfg.itc_queue,
+                "distill": cfg.itc_distill, "momentum": cfg.teacher_momentum},
+        "itc_intra": {},
+        "codebook": {"size": cfg.codebook_size, "embed_dim": cfg.itc_dim, "plans": cfg.codebook_plans,
+                     "targets": cfg.codebook_targets, "beta": cfg.codebook_beta,
+                     "iterations": cfg.codebook_iters},
     }
     return {task: by_task[task] for task in sorted(cfg.tasks)}
 
 
 def build_model(ucfg: UniterConfig, options: Mapping[str, dict],
-                init_bert: str | None = None) -> PretrainModel:
+                init_bert: str | None = None, teacher: bool = True) -> PretrainModel:
+    """The encoder and the objectives of ``options``; ``teacher=False`` leaves out the momentum teacher (a
+    model loaded for evaluation: its objectives then use the student's features where the teacher's were)."""
     encoder = UniterModel(ucfg)
     if init_bert is not None:
         init_from_bert(encoder, init_bert)
@@ -118,12 +189,13 @@ def build_model(ucfg: UniterConfig, options: Mapping[str, dict],
         if "vocab_range" in kwargs:
             kwargs["vocab_range"] = tuple(kwargs["vocab_range"])
         objectives[task] = REGISTRY[task](encoder, **kwargs)
-    return PretrainModel(encoder, objectives)
+    return PretrainModel(encoder, objectives, teacher=teacher)
 
 
 def loss_weights(cfg: ObjectivesConfig) -> dict[str, float]:
     """Weight of each ``*_loss`` an objective returns (1 unless listed)."""
-    return {"wra_loss": cfg.wra_weight}
+    return {"wra_loss": cfg.wra_weight, "codebook_ot_loss": cfg.codebook_weight,
+            "codebook_pred_loss": cfg.codebook_weight}
 
 
 def target_count(objective: nn.Module, batch: dict) -> int:
@@ -136,6 +208,6 @@ def target_count(objective: nn.Module, batch: dict) -> int:
         return int((batch["txt_labels"] != -100).sum())
     if isinstance(objective, MaskedRegionObjective):
         return int(batch["img_masked"].sum())
-    if isinstance(objective, ITM | ITC):
+    if isinstance(objective, ITM | ITC | ITCIntra | Codebook):
         return len(batch["img_keys"])
     raise TypeError(f"no target count for objective {type(objective).__name__}")

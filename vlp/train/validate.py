@@ -1,5 +1,6 @@
 """Validation of a pretraining run: per-task loss and accuracy on the held-out split, and zero-shot
-image/text retrieval with the ITM head.
+image/text retrieval with the ITM head (every pair, or ALBEF's way for a model with the itc task: the
+contrastive similarity shortlists, the ITM head reranks).
 
 Each worker evaluates its own shard of the held-out batches (the same masks at every validation: the
 generators are seeded by batch); the sums of losses and of correct/count are added across workers, so the
@@ -20,7 +21,7 @@ from vlp.data.batching import UnitBatchSampler
 from vlp.data.collate import collate
 from vlp.data.img_db import ImgDb
 from vlp.data.pretrain_dataset import ImageTextIndex, PretrainDataset
-from vlp.eval.retrieval import recall_at_k, score_all_pairs
+from vlp.eval.retrieval import recall_at_k, score_all_pairs, shortlist_rerank
 from vlp.objectives.common import encode
 from vlp.train.device import to_device
 from vlp.train.metrics import MetricSums
@@ -85,21 +86,69 @@ class RetrievalScorer:
             logits = head(encoder.pool(encode(encoder, batch))).float()
         return (logits[:, 1] - logits[:, 0]).view(len(images), txt_idx.numel())
 
+    def itc_similarity(self, chunk: int = 64) -> torch.Tensor:
+        """[n_img, n_txt] cosine similarity of the itc task's unimodal embeddings (every worker computes it
+        whole: one pass per image and per text)."""
+        encoder, itc = self.model.encoder, self.model.objectives["itc"]
+        keys, images, texts = self.index.img_keys, [], []
+        for start in range(0, len(keys), chunk):
+            regions = [self.img_db.get(key) for key in keys[start:start + chunk]]
+            n = max(r.features.shape[0] for r in regions)
+            feat = torch.zeros(len(regions), n, regions[0].features.shape[1])
+            pos = torch.zeros(len(regions), n, regions[0].boxes.shape[1])
+            mask = torch.zeros(len(regions), n, dtype=torch.bool)
+            for i, r in enumerate(regions):
+                feat[i, : r.features.shape[0]] = torch.as_tensor(r.features)
+                pos[i, : r.boxes.shape[0]] = torch.as_tensor(r.boxes)
+                mask[i, : r.features.shape[0]] = True
+            with self.autocast():
+                images.append(itc.embed_images(encoder, feat.to(self.device), pos.to(self.device),
+                                               mask.to(self.device)))
+        for start in range(0, len(self.texts), chunk):
+            rows = self.texts[start:start + chunk]
+            ids = torch.full((len(rows), max(len(r) for r in rows)), self.pad_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.as_tensor(r)
+            mask = torch.arange(ids.shape[1]) < torch.tensor([len(r) for r in rows])[:, None]
+            position = torch.arange(ids.shape[1]).repeat(len(rows), 1)
+            with self.autocast():
+                texts.append(itc.embed_texts(encoder, ids.to(self.device), position.to(self.device),
+                                             mask.to(self.device)))
+        return (torch.cat(images) @ torch.cat(texts).T).float().cpu()
+
 
 @torch.no_grad()
-def zero_shot_retrieval(scorer: RetrievalScorer, chunk: tuple[int, int]) -> dict[str, float]:
-    """Recall@1/5/10 both ways over the full score matrix; workers score interleaved image rows."""
+def zero_shot_retrieval(scorer: RetrievalScorer, chunk: tuple[int, int], modes: Sequence[str] = ("full",),
+                        shortlist_k: int = 16) -> dict[str, float]:
+    """Recall@1/5/10 both ways: ``full`` over the ITM score of every pair (workers score interleaved image
+    rows; keys ``ir_r1``...), ``itc_rerank`` over the ITM scores of the itc similarity's shortlists
+    (``vlp.eval.retrieval.shortlist_rerank``, workers rerank interleaved texts; ``itc_rerank_ir_r1``...) and
+    over the similarity itself (``itc_ir_r1``...)."""
     was_training = scorer.model.training
     scorer.model.eval()
     n_img, n_txt = len(scorer.index.img_keys), len(scorer.index.txt_ids)
-    mine = list(range(distributed.rank(), n_img, distributed.world_size()))
-    matrix = torch.zeros(n_img, n_txt)
-    if mine:
-        def score_fn(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
-            return scorer.scores([mine[i] for i in img_idx.tolist()], txt_idx)
+    rank, world = distributed.rank(), distributed.world_size()
+    out: dict[str, float] = {}
+    if "full" in modes:
+        mine = list(range(rank, n_img, world))
+        matrix = torch.zeros(n_img, n_txt)
+        if mine:
+            def score_fn(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
+                return scorer.scores([mine[i] for i in img_idx.tolist()], txt_idx)
 
-        matrix[mine] = score_all_pairs(score_fn, len(mine), n_txt, *chunk)
-    matrix = distributed.all_reduce_sum(matrix)
+            matrix[mine] = score_all_pairs(score_fn, len(mine), n_txt, *chunk)
+        matrix = distributed.all_reduce_sum(matrix)
+        out |= recall_at_k(matrix, scorer.index.txt2img)
+    if "itc_rerank" in modes:
+        sim = scorer.itc_similarity()
+        out |= {f"itc_{k}": v for k, v in recall_at_k(sim, scorer.index.txt2img).items()}
+        part = shortlist_rerank(sim, lambda i, t: scorer.scores(i.tolist(), t), shortlist_k,
+                                chunk[0] * chunk[1], texts=range(rank, n_txt, world))
+        scored = torch.isfinite(part)
+        total = distributed.all_reduce_sum(torch.where(scored, part, torch.zeros(())))
+        scored = distributed.all_reduce_sum(scored.float()) > 0
+        reranked = torch.where(scored, total, torch.full((), float("-inf")))
+        out |= {f"itc_rerank_{k}": v for k, v in recall_at_k(reranked, scorer.index.txt2img).items()}
     scorer.model.train(was_training)
-    return recall_at_k(matrix, scorer.index.txt2img)
+    return out
 
