@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from vlp.model.config import UniterConfig
 from vlp.model.uniter import UniterModel
-from vlp.objectives import ITC, ITM, MLM, MRC, MRCKL, MRFR, REGISTRY
+from vlp.objectives import ITC, ITM, MLM, MRC, MRCKL, MRFR, REGISTRY, VTA, LAViTeR
 from vlp.objectives.itc import contrastive_loss, positives
 from vlp.objectives.itm import itm_loss, sample_negatives, word_positions, wra_loss
 from vlp.objectives.masking import IGNORE_INDEX, TokenMasking, mask_regions, mask_tokens
@@ -367,7 +367,8 @@ def test_itm_batch_of_one_image_has_no_negatives():
 
 
 def test_registry_and_requirements():
-    assert REGISTRY == {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM, "itc": ITC}
+    assert REGISTRY == {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM, "itc": ITC,
+                        "vta": VTA, "laviter": LAViTeR}
     assert {name: cls.requires for name, cls in REGISTRY.items()} == {
         "mlm": (),
         "mrfr": (),
@@ -375,6 +376,8 @@ def test_registry_and_requirements():
         "mrc_kl": ("soft_labels",),
         "itm": (),
         "itc": (),
+        "vta": (),
+        "laviter": (),
     }
 
 
@@ -396,7 +399,8 @@ def test_bad_options_fail_at_construction():
 
 def test_every_objective_trains_under_bf16_autocast():
     model = _model().train()
-    options = {"mlm": TOKEN_OPTIONS, "mrc": {"label_dim": LABEL_DIM}, "mrc_kl": {"label_dim": LABEL_DIM}}
+    options = {"mlm": TOKEN_OPTIONS, "mrc": {"label_dim": LABEL_DIM}, "mrc_kl": {"label_dim": LABEL_DIM},
+               "laviter": {"cls_id": CLS, "sep_id": SEP, "caption_max_len": 16}}
     batch = _batch([5, 9, 3, 7], [6, 10, 4, 8], keys=["a", "b", "c", "d"])
     for name, cls in REGISTRY.items():
         objective = cls(model, **options.get(name, {}))
