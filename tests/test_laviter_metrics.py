@@ -1,13 +1,18 @@
 """LAViTeR's metrics as pure functions (vlp/eval/laviter.py) and the caption metrics (vlp/eval/captioning.py),
-on hand-built embeddings and known values."""
+on hand-built embeddings and known values; the zero-shot model's LAViTeR evaluation (vlp/tasks/laviter.py,
+stages/eval/laviter.py)."""
 
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import scipy.linalg
 import torch
+from test_objectives import CLS, IMG_DIM, SEP, _model
 
+from stages.eval.laviter import attributes_of, object_classes
 from vlp.eval.captioning import bleu, caption_metrics, cider, tokenize
 from vlp.eval.laviter import (
     aimcos,
@@ -17,6 +22,9 @@ from vlp.eval.laviter import (
     pooled,
     r_precision,
 )
+from vlp.objectives.laviter import LAViTeR
+from vlp.tasks.laviter import LaviterEvalOptions, damsm_heads, laviter_evaluation
+from vlp.tasks.retrieval import PairScorer, Retrieval
 
 # ---------------------------------------------------------------- R-precision
 
@@ -136,3 +144,59 @@ def test_bleu_clips_repeated_words_and_penalises_short_hypotheses():
     assert tokenize("A Man, riding!") == ["a", "man", "riding"]
     with pytest.raises(ValueError):
         bleu({"x": "a"}, {"y": ["a"]})
+
+
+# ---------------------------------------------------------------- the zero-shot model's LAViTeR evaluation
+
+
+def test_laviter_evaluation_of_a_pretrained_model_gives_every_section(tmp_path):
+    class Region:
+        def __init__(self, n, gen):
+            self.features, self.boxes = torch.rand(n, IMG_DIM, generator=gen), torch.rand(n, 7, generator=gen)
+
+    class Store:
+        def __init__(self):
+            gen = torch.Generator().manual_seed(0)
+            self.regions = {f"coco:{i}": Region(2 + i % 3, gen) for i in range(6)}
+
+        def get(self, key):
+            return self.regions[key]
+
+    encoder = _model()
+    lav = LAViTeR(encoder, cls_id=CLS, sep_id=SEP, embed_dim=16, caption_max_len=16, generator_slots=3,
+                  cond_dim=8, noise_dim=8)
+    vta, laviter = damsm_heads(torch.nn.ModuleDict({"laviter": lav}))
+    assert vta is lav.vta and laviter is lav
+    keys = list(Store().regions)
+    gen = torch.Generator().manual_seed(1)
+    texts = [torch.tensor([CLS, *torch.randint(5, 60, (4,), generator=gen).tolist(), SEP]) for _ in range(12)]
+    txt2img = torch.arange(12) // 2
+    scorer = PairScorer(encoder, Retrieval(encoder.config), Store(), keys, texts)
+    pq.write_table(pa.table({"image_key": ["coco:0", "coco:0", "coco:3", "vg:9"],
+                             "names": [["circle"], ["Square"], ["circle"], ["star"]]}),
+                   tmp_path / "objects.parquet")
+    objects = object_classes(tmp_path)
+    assert objects == {"coco:0": {"circle", "square"}, "coco:3": {"circle"}, "vg:9": {"star"}}
+
+    class Tokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [5 + len(text)]}
+
+    attributes = attributes_of(keys, objects, Tokenizer(), CLS, SEP)
+    assert attributes.names == ["circle", "square", "star"] and attributes.has.sum().item() == 3
+    options = LaviterEvalOptions(negatives=5, repeats=2, beam_size=2, max_len=4)
+    training = encoder.training
+    sections, captions = laviter_evaluation(encoder, vta, laviter, scorer, txt2img,
+                                            lambda ids: " ".join(map(str, ids)), options, attributes)
+    assert encoder.training == training
+    assert set(sections) == {"damsm", "laviter", "captioning"}
+    assert {"ir_r1", "tr_r1", "meta_sum"} <= set(sections["damsm"])
+    assert {"r_precision", "r_precision_top3", "r_precision_std", "candidates", "aimcos", "aimcos_class",
+            "r_precision_generated", "frechet_regions", "frechet_embeddings"} <= set(sections["laviter"])
+    assert sections["laviter"]["candidates"] == 6.0 and -1 <= sections["laviter"]["aimcos"] <= 1
+    assert {"bleu4", "cider", "images"} <= set(sections["captioning"])
+    assert sections["captioning"]["images"] == 6
+    assert len(captions) == 6 and all(len(c["references"]) == 2 for c in captions)
+    again, _ = laviter_evaluation(encoder, vta, laviter, scorer, txt2img, lambda ids: " ".join(map(str, ids)),
+                                  options, attributes)
+    assert again == sections  # seeded: the draws and the generator's noise

@@ -34,8 +34,11 @@ def cosine_matrix(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def r_precision(scores: Tensor, txt2img: Tensor, negatives: int = 99, ks: Sequence[int] = (1, 3),
-                repeats: int = 1, seed: int = 0) -> dict[str, float]:
+                repeats: int = 1, seed: int = 0, rows: Tensor | None = None) -> dict[str, float]:
     """R-precision of a score matrix ``[n_img, n_txt]`` (``txt2img[t]``: the image caption t describes).
+    ``rows[t]``: the row of caption t's query when it is not its image's (a region set generated from each
+    caption: ``scores`` [n_txt, n_txt] and ``rows`` = arange); the negatives are still captions of other
+    images.
 
     ``r_precision`` (top 1) and ``r_precision_top{k}`` for the other ``ks``: means over ``repeats`` draws of
     the negatives (``*_std``: their standard deviation, 0 for one draw); ``candidates``: captions ranked per
@@ -52,16 +55,17 @@ def r_precision(scores: Tensor, txt2img: Tensor, negatives: int = 99, ks: Sequen
     available = int(others.sum(1).min())
     draw = min(negatives, available)
     generator = torch.Generator().manual_seed(seed)
-    gt = scores[txt2img, torch.arange(n_txt)]  # each pair's own score
+    rows_of = txt2img if rows is None else torch.as_tensor(rows).long().cpu()
+    gt = scores[rows_of, torch.arange(n_txt)]  # each pair's own score
     runs = {k: [] for k in ks}
     for _ in range(repeats):
         hits = {k: 0 for k in ks}
         for start in range(0, n_txt, _CHUNK):  # queries in chunks: the draw keys are [chunk, n_txt]
-            rows = torch.arange(start, min(start + _CHUNK, n_txt))
-            keys = torch.rand(len(rows), n_txt, generator=generator).masked_fill(~others[rows], 2.0)
+            chunk = torch.arange(start, min(start + _CHUNK, n_txt))
+            keys = torch.rand(len(chunk), n_txt, generator=generator).masked_fill(~others[chunk], 2.0)
             chosen = keys.argsort(dim=1)[:, :draw]  # `draw` random captions of other images per query
-            negative = scores[txt2img[rows][:, None], chosen]  # the query's image with each negative
-            rank = (negative >= gt[rows][:, None]).sum(1)
+            negative = scores[rows_of[chunk][:, None], chosen]  # the query with each negative
+            rank = (negative >= gt[chunk][:, None]).sum(1)
             for k in ks:
                 hits[k] += int((rank < k).sum())
         for k in ks:
