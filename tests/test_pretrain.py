@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +47,7 @@ from vlp.train.pretrain_model import (
 )
 from vlp.train.runtime import RuntimeConfig
 from vlp.train.seeds import seed_of
+from vlp.train.validate import DamsmValidation
 
 # Hooks defined here travel to the Ray workers by value (this test module is not importable there).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -331,6 +333,22 @@ def test_laviter_trains_its_discriminator_with_its_own_optimizer_and_resumes_exa
     for key, value in d_state.items():
         torch.testing.assert_close(resumed["d_optimizer"]["state"][key]["exp_avg"], value["exp_avg"],
                                    rtol=1e-5, atol=1e-8)
+
+
+def test_validation_of_damsm_tasks_scores_the_retrieval_split_without_an_itm_head(store):
+    cfg = loop_config(tasks={"laviter": 1.0}, validation={"dbs": [], "holdout_images": 0,
+                                                          "retrieval_db": "toy_test"}, **LAVITER)
+    corpus = build_corpus(cfg, SEED, store)
+    assert corpus.retrieval is not None  # the split is read for the DAMSM heads alone
+    torch.manual_seed(0)
+    model = build_model(encoder_config(cfg.model, int(corpus.meta["vocab_size"]), corpus.img_dim),
+                        objective_options(cfg, corpus.meta, corpus.label_dim))
+    validation = DamsmValidation(model, corpus.retrieval, 0, torch.device("cpu"), nullcontext,
+                                 lambda ids: " ".join(map(str, ids)))
+    metrics = validation()
+    assert {"zs_damsm_ir_r1", "zs_damsm_tr_r1", "r_precision", "r_precision_top3", "r_precision_generated",
+            "frechet_regions", "bleu4", "cider"} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values())
 
 
 def test_a_task_whose_input_the_store_lacks_fails_at_start(tmp_path):

@@ -44,6 +44,7 @@ from stages.pretrain.data import Corpus, PretrainInputs, Stream, build_corpus, s
 from vlp import distributed
 from vlp.data.batching import UnitBatchSampler
 from vlp.data.task_sampler import TaskSampler
+from vlp.data.tokenizer import load_tokenizer
 from vlp.train.adversarial import adversaries, adversary_parameters, build_adversary_optimizer
 from vlp.train.device import to_device
 from vlp.train.metrics import MetricSums
@@ -60,7 +61,13 @@ from vlp.train.pretrain_model import (
 )
 from vlp.train.runtime import RuntimeConfig
 from vlp.train.seeds import seed_of
-from vlp.train.validate import RetrievalScorer, retrieval_index, validate_tasks, zero_shot_retrieval
+from vlp.train.validate import (
+    DamsmValidation,
+    RetrievalScorer,
+    retrieval_index,
+    validate_tasks,
+    zero_shot_retrieval,
+)
 
 log = logging.getLogger("vlp.pretrain")
 
@@ -132,6 +139,7 @@ class Run:
     adversaries: dict[str, torch.nn.Module] = field(default_factory=dict)
     d_optimizer: torch.optim.Optimizer | None = None
     d_scaler: torch.amp.GradScaler | None = None
+    damsm: DamsmValidation | None = None  # LAViTeR's zero-shot evaluation (vta / laviter tasks)
 
     @property
     def seed(self) -> int:
@@ -209,8 +217,12 @@ def setup(spec: LoopSpec) -> Run:
     nodes = worker_nodes()
     # Every attempt (the first and each restart from a checkpoint) and the Ray node of each of its ranks.
     progress["attempts"] = [*progress.get("attempts", []), {"step": step, "nodes": nodes}]
-    scorer = None
-    if corpus.retrieval is not None:
+    scorer = damsm = None
+    if corpus.retrieval is not None and {"vta", "laviter"} & set(cfg.tasks):
+        tokenizer = load_tokenizer(inputs.txtdb.tokenizer_dir)
+        damsm = DamsmValidation(model, corpus.retrieval, int(corpus.meta.get("PAD", 0)), device, autocast,
+                                lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    if corpus.retrieval is not None and "itm" in cfg.tasks:
         index, texts = retrieval_index(corpus.retrieval)
         scorer = RetrievalScorer(model, corpus.retrieval.img_db, index, texts, int(corpus.meta.get("PAD", 0)),
                                  device, autocast)
@@ -225,7 +237,7 @@ def setup(spec: LoopSpec) -> Run:
     return Run(spec, cfg, corpus, model, ddp, optimizer, schedule, scaler, samplers, task_sampler, by_name,
                examples, device,
                autocast, scorer, spec.metrics if rank == 0 else MetricLogger(), step, progress, totals=totals,
-               adversaries=adversarial, d_optimizer=d_optimizer, d_scaler=d_scaler)
+               adversaries=adversarial, d_optimizer=d_optimizer, d_scaler=d_scaler, damsm=damsm)
 
 
 def worker_nodes() -> list[str]:
@@ -249,6 +261,8 @@ def validate(run: Run, retrieval: bool) -> dict[str, float]:
     if retrieval and run.scorer is not None:
         recalls = zero_shot_retrieval(run.scorer, cfg.validation.retrieval_chunk)
         metrics |= {f"zs_{k}": v for k, v in recalls.items()}
+    if retrieval and run.damsm is not None:
+        metrics |= run.damsm()
     if metrics and distributed.is_main():
         log.info("pretrain: validation at step %d (%.1fs): %s", run.step, time.perf_counter() - start,
                  ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
