@@ -55,7 +55,7 @@ def build_summary(metrics: dict[str, dict[str, dict[str, dict[str, float]]]]) ->
                                  else pre > scratch})
                     if task == "retrieval" and metric == "meta_sum":
                         for kind, sec in kinds.items():
-                            if section in sec:
+                            if "seconds" in sec.get(section, {}):  # a scoring mode (not DAMSM's recall)
                                 cost_rows.append({"dataset": dataset, "model": kind, "split": section,
                                                   "seconds": sec[section].get("seconds"),
                                                   "pairs_scored": sec[section].get("pairs_scored"),
