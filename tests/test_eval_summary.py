@@ -41,3 +41,27 @@ def test_seeds_give_mean_spread_min_max_and_the_failing_seeds():
            "| **2/3** (not seed 2) |")
     assert row in text
     assert "## Seed 2" in text and "| vqa | val2014 | vqa_score | 30.0 | 32.0 | **no** |" in text
+
+
+def test_laviter_sections_of_the_zero_shot_model_are_rows_and_not_scoring_costs():
+    metrics = {"retrieval": {
+        "coco/zero_shot": {"test/full": {"meta_sum": 3.0, "ir_r1": 0.5, "tr_r1": 0.4, "seconds": 1.0,
+                                         "pairs_scored": 10.0},
+                           "test/damsm": {"meta_sum": 2.0, "ir_r1": 0.3, "tr_r1": 0.2},
+                           "test/laviter": {"r_precision": 0.6, "r_precision_top3": 0.9, "aimcos": 0.5,
+                                            "frechet_regions": 12.0},
+                           "test/captioning": {"bleu4": 0.27, "cider": 0.87}},
+        "coco/pretrained": {"test/full": {"meta_sum": 4.0, "ir_r1": 0.6, "tr_r1": 0.5, "seconds": 1.0,
+                                          "pairs_scored": 10.0}}}}
+    summary = build_summary(metrics)
+    rows = {(r["split"], r["metric"]): {k: v for k, v in r["values"].items() if v is not None}
+            for r in summary["tasks"]}
+    assert rows[("test/laviter", "r_precision")] == {"zero_shot": 0.6}
+    assert rows[("test/laviter", "aimcos")] == {"zero_shot": 0.5}
+    assert rows[("test/captioning", "bleu4")] == {"zero_shot": 0.27}
+    assert rows[("test/captioning", "cider")] == {"zero_shot": 0.87}
+    assert rows[("test/damsm", "ir_r1")] == {"zero_shot": 0.3}
+    assert ("test/laviter", "frechet_regions") not in rows  # not a percentage: metrics.json and MLflow only
+    assert {(r["model"], r["split"]) for r in summary["retrieval_cost"]} == {("zero_shot", "test/full"),
+                                                                             ("pretrained", "test/full")}
+    assert "| retrieval (coco) | test/captioning | cider | 87.0 |" in to_markdown(summary)

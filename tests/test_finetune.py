@@ -446,7 +446,7 @@ def test_isda_on_detected_regions(evaluated, tmp_path):
     inputs = {"finetune_retrieval": out / "finetune_retrieval", "pretrain": root / "pretrain",
               "features": root / "features", "txtdb": root / "txtdb",
               "karpathy_txtdb": out / "karpathy_txtdb", "dedup": root / "dedup",
-              "entity_features": out / "entity_features"}
+              "entity_features": out / "entity_features", "download": root / "download"}
     assert sorted(inputs) == sorted(eval_upstream("retrieval"))
     result = eval_stage.run_task(context(cfg, tmp_path, "eval_retrieval", inputs), "retrieval")
     annotated = json.loads((root / "out" / "eval_retrieval" / "metrics.json").read_text())

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from vlp.model.config import UniterConfig
 from vlp.model.uniter import UniterModel
-from vlp.objectives import ITC, ITM, MLM, MRC, MRCKL, MRFR, REGISTRY, Codebook, ITCIntra
+from vlp.objectives import ITC, ITM, MLM, MRC, MRCKL, MRFR, REGISTRY, VTA, Codebook, ITCIntra, LAViTeR
 from vlp.objectives.itc import contrastive_loss, positives
 from vlp.objectives.itm import itm_loss, sample_negatives, word_positions, wra_loss
 from vlp.objectives.masking import IGNORE_INDEX, TokenMasking, mask_regions, mask_tokens
@@ -369,7 +369,7 @@ def test_itm_batch_of_one_image_has_no_negatives():
 
 def test_registry_and_requirements():
     assert REGISTRY == {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM, "itc": ITC,
-                        "itc_intra": ITCIntra, "codebook": Codebook}
+                        "itc_intra": ITCIntra, "codebook": Codebook, "vta": VTA, "laviter": LAViTeR}
     assert {name: cls.requires for name, cls in REGISTRY.items()} == {
         "mlm": (),
         "mrfr": (),
@@ -379,6 +379,8 @@ def test_registry_and_requirements():
         "itc": (),
         "itc_intra": (),
         "codebook": (),
+        "vta": (),
+        "laviter": (),
     }
 
 
@@ -400,7 +402,8 @@ def test_bad_options_fail_at_construction():
 
 def test_every_objective_trains_under_bf16_autocast():
     model = _model().train()
-    options = {"mlm": TOKEN_OPTIONS, "mrc": {"label_dim": LABEL_DIM}, "mrc_kl": {"label_dim": LABEL_DIM}}
+    options = {"mlm": TOKEN_OPTIONS, "mrc": {"label_dim": LABEL_DIM}, "mrc_kl": {"label_dim": LABEL_DIM},
+               "laviter": {"cls_id": CLS, "sep_id": SEP, "caption_max_len": 16}}
     batch = _batch([5, 9, 3, 7], [6, 10, 4, 8], keys=["a", "b", "c", "d"])
     # itc_intra and codebook build on an itc task with a queue (vlp.objectives.itc.core); no teacher here.
     context = SimpleNamespace(objectives={"itc": ITC(model, queue_size=4, distill=0.4)}, teacher=None)

@@ -3,10 +3,12 @@ store: text dbs written with a WordPiece vocab trained on their captions, and a 
 are noisy prototypes of the (colour, shape) objects the captions name, so every objective can learn."""
 
 import json
+import math
 import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,6 +47,7 @@ from vlp.train.pretrain_model import (
 )
 from vlp.train.runtime import RuntimeConfig
 from vlp.train.seeds import seed_of
+from vlp.train.validate import DamsmValidation
 
 # Hooks defined here travel to the Ray workers by value (this test module is not importable there).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -288,6 +291,64 @@ def test_nan_loss_names_step_and_task_and_a_rerun_resumes_from_the_last_checkpoi
     result = train(cfg, store, storage, hooks=[LogSteps(str(steps_log))])
     assert [int(s) for s in steps_log.read_text().split()] == [1, 2, 3, 3, 4, 5, 6]
     assert result.metrics["step"] == 6 and checkpoint_steps(storage) == [2, 4, 6]
+
+
+LAVITER = {"damsm": {"dim": 16},
+           "laviter": {"generator_slots": 3, "cond_dim": 8, "noise_dim": 8, "mismatch": True}}
+
+
+@pytest.mark.slow
+def test_laviter_trains_its_discriminator_with_its_own_optimizer_and_resumes_exactly(store, local_ray,
+                                                                                     tmp_path):
+    # Two workers, LAViTeR (every part) beside MLM; rank 1 is killed in step 3, after the step-2 checkpoint.
+    cfg = loop_config(tasks={"laviter": 1.0, "mlm": 1.0}, steps=4, **LAVITER)
+    reference = train(cfg, store, tmp_path / "a")
+    state = final_state(reference)
+    corpus = build_corpus(cfg, SEED, store)
+    torch.manual_seed(seed_of(SEED, "init"))
+    initial = build_model(encoder_config(cfg.model, int(corpus.meta["vocab_size"]), corpus.img_dim),
+                          objective_options(cfg, corpus.meta, corpus.label_dim)).state_dict()
+    tasks = [TaskSampler(cfg.tasks, seed=SEED).task(step) for step in range(cfg.steps)]
+    assert "laviter" in tasks
+    # The discriminator has its own Adam, stepped once per LAViTeR step; the main optimizer has none of it.
+    d_state = state["d_optimizer"]["state"]
+    assert d_state and all(int(s["step"]) == tasks.count("laviter") for s in d_state.values())
+    main = {p for group in state["optimizer"]["param_groups"] for p in group["params"]}
+    n_disc = sum(1 for name in initial if name.startswith("objectives.laviter.discriminator."))
+    assert len(d_state) == n_disc and len(main) + n_disc == len(
+        [n for n in initial if "num_batches_tracked" not in n])
+    moved = {n for n, v in state["model"].items() if not torch.equal(v, initial[n])}
+    assert any(n.startswith("objectives.laviter.discriminator.") for n in moved)
+    assert any(n.startswith("objectives.laviter.generator.") for n in moved)
+    totals = checkpointing.load_progress(Path(reference.checkpoint.path))["totals"]["laviter"]
+    assert math.isfinite(totals["laviter_disc_loss"]) and totals["laviter_disc_count"] > 0
+    # A worker lost mid-run: the resumed run ends with the weights and both optimizers' states of the first.
+    storage = tmp_path / "b" / "ray_train"
+    kill = KillWorker(step=3, after=2, snapshot=str(storage / RUN_NAME / "checkpoint_manager_snapshot.json"),
+                      marker=str(tmp_path / "killed"))
+    resumed = final_state(train(cfg, store, storage, hooks=[kill]))
+    assert (tmp_path / "killed").exists()
+    for name, value in state["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=1e-5, atol=1e-7, msg=name)
+    for key, value in d_state.items():
+        torch.testing.assert_close(resumed["d_optimizer"]["state"][key]["exp_avg"], value["exp_avg"],
+                                   rtol=1e-5, atol=1e-8)
+
+
+def test_validation_of_damsm_tasks_scores_the_retrieval_split_without_an_itm_head(store):
+    cfg = loop_config(tasks={"laviter": 1.0}, validation={"dbs": [], "holdout_images": 0,
+                                                          "retrieval_db": "toy_test"}, **LAVITER)
+    corpus = build_corpus(cfg, SEED, store)
+    assert corpus.retrieval is not None  # the split is read for the DAMSM heads alone
+    torch.manual_seed(0)
+    model = build_model(encoder_config(cfg.model, int(corpus.meta["vocab_size"]), corpus.img_dim),
+                        objective_options(cfg, corpus.meta, corpus.label_dim))
+    validation = DamsmValidation(model, corpus.retrieval, 0, torch.device("cpu"), nullcontext,
+                                 lambda ids: " ".join(map(str, ids)))
+    metrics = validation()
+    assert {"zs_damsm_ir_r1", "zs_damsm_tr_r1", "r_precision", "r_precision_top3", "r_precision_generated",
+            "frechet_regions", "bleu4", "cider"} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values())
 
 
 def test_a_task_whose_input_the_store_lacks_fails_at_start(tmp_path):

@@ -19,6 +19,21 @@ class CommonEvalConfig(BaseModel):
     batch_units: int = Field(4096, ge=1)  # padded input units per evaluation batch
 
 
+class LaviterEvalConfig(BaseModel):
+    """The zero-shot model's LAViTeR evaluation (``vlp.tasks.laviter``), run when the pretrained model has a
+    ``vta`` or ``laviter`` head."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The retrieval datasets (finetune.retrieval.datasets) whose eval splits it runs on: COCO's Karpathy test.
+    datasets: tuple[str, ...] = ("coco",)
+    r_precision_negatives: int = Field(99, ge=1)  # AttnGAN: the true caption among itself and 99 random
+    r_precision_repeats: int = Field(10, ge=1)  # AttnGAN: 10 draws, mean and std
+    beam_size: int = Field(3, ge=1)  # captioning (1: greedy)
+    max_len: int = Field(20, ge=1)  # generated caption tokens at most
+    length_penalty: float = Field(0.0, ge=0)  # beam score / length ** this
+
+
 class RetrievalEvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -43,6 +58,7 @@ class RetrievalEvalConfig(BaseModel):
     isda_regions: Literal["annotated", "detected"] = "annotated"
     isda_max_sentences: int | None = Field(None, ge=1)  # the first N usable sentences (None: all)
     attention_pairs: int = Field(4, ge=0)  # test pairs drawn as text-to-image attention maps
+    laviter: LaviterEvalConfig = Field(default_factory=LaviterEvalConfig)
 
     @model_validator(mode="after")
     def _some_mode(self) -> RetrievalEvalConfig:
@@ -85,7 +101,9 @@ def eval_upstream(task: str) -> tuple[str, ...]:
     """Stages ``eval_<task>`` reads: its finetuned variants, the pretrained model (zero-shot retrieval,
     tokenizer), the regions, and the task's data as in ``finetune_upstream``; retrieval also reads dedup
     (Entities annotations and image sizes for ISDa) and the regions at the Entities boxes (entity_features);
-    RefCOCO also the regions at the COCO ground-truth boxes (gt_features)."""
-    data = {"retrieval": ("txtdb", "karpathy_txtdb", "dedup", "entity_features"),
+    RefCOCO also the regions at the COCO ground-truth boxes (gt_features); retrieval and RefCOCO read the
+    download stage's tables (the COCO instances of evaluation images, which dedup drops: LAViTeR's AIMCoS,
+    RefCOCO's boxes)."""
+    data = {"retrieval": ("txtdb", "karpathy_txtdb", "dedup", "entity_features", "download"),
             "refcoco": ("download", "gt_features")}.get(task, ("dedup",))
     return (f"finetune_{task}", "pretrain", "features", *data)

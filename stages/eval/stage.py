@@ -24,6 +24,7 @@ import torch
 from stages.base import StageContext, StageError, StageResult
 from stages.eval import figures
 from stages.eval.config import EvalConfig
+from stages.eval.laviter import laviter_sections, object_classes
 from stages.eval.retrieval import (
     attention_maps,
     isda_inputs,
@@ -40,7 +41,8 @@ from vlp.data.img_db import ImgDb
 from vlp.data.tokenizer import load_tokenizer
 from vlp.tasks import TASKS
 from vlp.tasks.common import TaskDataError
-from vlp.tasks.retrieval import PairScorer, Retrieval
+from vlp.tasks.laviter import damsm_heads
+from vlp.tasks.retrieval import ITM_HEAD, PairScorer, Retrieval
 from vlp.tasks.splits import retrieval_split, task_image_sizes, task_split
 from vlp.train.device import default_device
 from vlp.train.evaluate import BatchBudgetError, evaluate_dataset
@@ -120,17 +122,22 @@ def eval_task(s: Setup, task: str) -> tuple[Metrics, list[str]]:
 
 
 def _retrieval_models(s: Setup, dataset: str):
-    """(name, encoder, rank head, itc objective or None) of the zero-shot model and of each finetuned variant
-    of ``dataset``; only a zero-shot model pretrained with the itc task has the itc head."""
+    """(name, encoder, rank head, pretraining objectives) of the zero-shot model and of each finetuned variant
+    of ``dataset`` (objectives: the zero-shot model's, else None; only a zero-shot model pretrained with the
+    itc task has the itc head). A pretrained model without an ITM head but with DAMSM heads (vta / laviter
+    tasks) is still the zero-shot model: its rank head is then None (no ITM scoring, only the LAViTeR
+    evaluation)."""
     if s.cfg.retrieval.zero_shot:
         pretrained = s.pre.model()
         head = Retrieval(pretrained.encoder.config)
         try:
             head.init_from_itm(pretrained.objectives.state_dict(), str(s.pre.model_dir / "heads.pt"))
         except ValueError as err:
-            raise StageError(str(err)) from None
-        itc = pretrained.objectives["itc"] if "itc" in pretrained.objectives else None
-        yield f"{dataset}/zero_shot", pretrained.encoder, head, itc
+            if damsm_heads(pretrained.objectives)[0] is None or f"{ITM_HEAD}.weight" in \
+                    pretrained.objectives.state_dict():
+                raise StageError(str(err)) from None
+            head = None
+        yield f"{dataset}/zero_shot", pretrained.encoder, head, pretrained.objectives
     for variant in s.variants:
         if variant["dataset"] != dataset:
             continue
@@ -155,6 +162,7 @@ def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
                         "and an image in the %s regions' store: no ISDa", list(rcfg.isda_splits),
                         rcfg.isda_regions)
     txt_dbs = [TxtDbOutput(ctx.inputs["txtdb"]), TxtDbOutput(ctx.inputs["karpathy_txtdb"])]
+    objects = object_classes(ctx.inputs["download"] / "tables")
     metrics: Metrics = {}
     artifacts: list[str] = []
     for dataset in dict.fromkeys(v["dataset"] for v in s.variants):
@@ -170,16 +178,33 @@ def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
                                    setting=SKIP_SETTING, log=ctx.log)
             texts = [test.text(j) for j in range(len(test))]
             curves, maps = {}, {}
-            for name, model, head, itc in _retrieval_models(s, dataset):
+            for name, model, head, objectives in _retrieval_models(s, dataset):
                 model.to(s.device)
+                sections = metrics.setdefault(name, {})
+                if objectives is not None and dataset in rcfg.laviter.datasets:
+                    head_or_stub = head if head is not None else Retrieval(model.config)
+                    scorer = PairScorer(model, head_or_stub, s.img_db, test.index.img_keys, texts,
+                                        pad_id=test.pad_id, device=s.device, autocast=s.autocast,
+                                        release_every=rcfg.release_every)
+                    found, captions = laviter_sections(scorer, objectives, test.index.txt2img, tokenizer,
+                                                       rcfg.laviter, objects, s.device)
+                    sections |= {f"{split}/{section}": values for section, values in found.items()}
+                    if captions:
+                        write_json(s.out.predictions_path(name, f"{split}_captions"), captions)
+                    for section, values in found.items():
+                        ctx.log.info("eval_retrieval: %s %s/%s: %s", name, split, section,
+                                     ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
+                if head is None:
+                    ctx.log.warning("eval_retrieval: %s has no ITM head: no zero-shot ITM scoring", name)
+                    continue
                 head.to(s.device)
+                itc = objectives["itc"] if objectives is not None and "itc" in objectives else None
                 if itc is not None:
                     itc.to(s.device)
                 scorer = PairScorer(model, head, s.img_db, test.index.img_keys, texts, pad_id=test.pad_id,
                                     device=s.device, autocast=s.autocast, release_every=rcfg.release_every)
                 results = score_modes(scorer, test.index.txt2img, rcfg, itc)
                 log_summary(ctx.log, name, results)
-                sections = metrics.setdefault(name, {})
                 sections |= {f"{split}/{mode}": r.metrics for mode, r in results.items()}
                 kind = name.rpartition("/")[2]
                 curves[kind] = next(iter(results.values())).curve

@@ -87,6 +87,9 @@ class Corpus:
 
 
 ONE_CORPUS = ""  # the dataset name of train_dbs' list form
+# Tasks whose heads validation scores the retrieval split with: ITM (zero-shot retrieval), vta / laviter
+# (DAMSM recall, R-precision, captioning).
+RETRIEVAL_TASKS = {"itm", "vta", "laviter"}
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ def build_corpus(cfg: PretrainConfig, seed: int, inputs: PretrainInputs) -> Corp
         notes += [f"validation: {line}" for line in val_dbs.drop_summary()]
         parts.append(val_dbs)
     retrieval = None
-    if vcfg.retrieval_db is not None and "itm" in cfg.tasks:
+    if vcfg.retrieval_db is not None and RETRIEVAL_TASKS & set(cfg.tasks):
         (db,) = open_txt_dbs(txtdb, [vcfg.retrieval_db], "validation.retrieval_db")
         retrieval = PretrainDataset([db], img_db)
         _same_tokenizer(retrieval, train, "validation.retrieval_db")

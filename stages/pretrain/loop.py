@@ -44,6 +44,8 @@ from stages.pretrain.data import Corpus, PretrainInputs, Stream, build_corpus, s
 from vlp import distributed
 from vlp.data.batching import UnitBatchSampler
 from vlp.data.task_sampler import TaskSampler
+from vlp.data.tokenizer import load_tokenizer
+from vlp.train.adversarial import adversaries, adversary_parameters, build_adversary_optimizer
 from vlp.train.device import to_device
 from vlp.train.metrics import MetricSums
 from vlp.train.optim import build_optimizer, clip_gradients
@@ -59,7 +61,13 @@ from vlp.train.pretrain_model import (
 )
 from vlp.train.runtime import RuntimeConfig
 from vlp.train.seeds import seed_of
-from vlp.train.validate import RetrievalScorer, retrieval_index, validate_tasks, zero_shot_retrieval
+from vlp.train.validate import (
+    DamsmValidation,
+    RetrievalScorer,
+    retrieval_index,
+    validate_tasks,
+    zero_shot_retrieval,
+)
 
 log = logging.getLogger("vlp.pretrain")
 
@@ -126,6 +134,12 @@ class Run:
     iters: dict[str, Any] = field(default_factory=dict)
     consumed: dict[str, int] = field(default_factory=dict)
     totals: dict[str, MetricSums] = field(default_factory=dict)  # per task, over the whole run
+    # Objectives that train an adversary (LAViTeR's discriminator): its modules by task, their own optimizer
+    # (and loss scaler under fp16); vlp.train.adversarial. Empty / None otherwise.
+    adversaries: dict[str, torch.nn.Module] = field(default_factory=dict)
+    d_optimizer: torch.optim.Optimizer | None = None
+    d_scaler: torch.amp.GradScaler | None = None
+    damsm: DamsmValidation | None = None  # LAViTeR's zero-shot evaluation (vta / laviter tasks)
 
     @property
     def seed(self) -> int:
@@ -165,9 +179,13 @@ def setup(spec: LoopSpec) -> Run:
     torch.manual_seed(seed_of(spec.seed, "init"))
     model = build_model(encoder_config(cfg.model, corpus.vocab_size, corpus.img_dim), options,
                         cfg.model.init_from_bert if checkpoint is None else None).to(device)
-    optimizer, schedule = build_optimizer(model.encoder, model.objectives, cfg.optim, cfg.steps)
+    adversarial = adversaries(model.objectives)
+    optimizer, schedule = build_optimizer(model.encoder, model.objectives, cfg.optim, cfg.steps,
+                                          exclude=adversary_parameters(adversarial))
+    d_optimizer = build_adversary_optimizer(adversarial, cfg.laviter.d_lr, cfg.laviter.d_betas)
     autocast = mixed_precision(runtime.precision, device)
     scaler = autocast.grad_scaler()
+    d_scaler = autocast.grad_scaler() if adversarial else None
     by_name = {stream.name: stream for stream in streams(cfg.tasks, corpus.weights)}
     examples, samplers = {}, {}
     for name, stream in by_name.items():
@@ -186,6 +204,10 @@ def setup(spec: LoopSpec) -> Run:
         schedule.load_state_dict(state["schedule"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        if d_optimizer is not None:
+            d_optimizer.load_state_dict(state["d_optimizer"])
+            if d_scaler is not None and state.get("d_scaler"):
+                d_scaler.load_state_dict(state["d_scaler"])
         for name, sampler in samplers.items():
             sampler.load_state_dict(state["samplers"][name])
         task_sampler.load_state_dict(state["task_sampler"])
@@ -195,8 +217,12 @@ def setup(spec: LoopSpec) -> Run:
     nodes = worker_nodes()
     # Every attempt (the first and each restart from a checkpoint) and the Ray node of each of its ranks.
     progress["attempts"] = [*progress.get("attempts", []), {"step": step, "nodes": nodes}]
-    scorer = None
-    if corpus.retrieval is not None:
+    scorer = damsm = None
+    if corpus.retrieval is not None and {"vta", "laviter"} & set(cfg.tasks):
+        tokenizer = load_tokenizer(inputs.txtdb.tokenizer_dir)
+        damsm = DamsmValidation(model, corpus.retrieval, int(corpus.meta.get("PAD", 0)), device, autocast,
+                                lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    if corpus.retrieval is not None and "itm" in cfg.tasks:
         index, texts = retrieval_index(corpus.retrieval)
         scorer = RetrievalScorer(model, corpus.retrieval.img_db, index, texts, int(corpus.meta.get("PAD", 0)),
                                  device, autocast)
@@ -210,7 +236,8 @@ def setup(spec: LoopSpec) -> Run:
     totals = {task: MetricSums(sums) for task, sums in progress.get("totals", {}).items()}
     return Run(spec, cfg, corpus, model, ddp, optimizer, schedule, scaler, samplers, task_sampler, by_name,
                examples, device,
-               autocast, scorer, spec.metrics if rank == 0 else MetricLogger(), step, progress, totals=totals)
+               autocast, scorer, spec.metrics if rank == 0 else MetricLogger(), step, progress, totals=totals,
+               adversaries=adversarial, d_optimizer=d_optimizer, d_scaler=d_scaler, damsm=damsm)
 
 
 def worker_nodes() -> list[str]:
@@ -235,6 +262,8 @@ def validate(run: Run, retrieval: bool) -> dict[str, float]:
         recalls = zero_shot_retrieval(run.scorer, cfg.validation.retrieval_chunk,
                                       cfg.validation.retrieval_modes, cfg.validation.retrieval_shortlist_k)
         metrics |= {f"zs_{k}": v for k, v in recalls.items()}
+    if retrieval and run.damsm is not None:
+        metrics |= run.damsm()
     if metrics and distributed.is_main():
         log.info("pretrain: validation at step %d (%.1fs): %s", run.step, time.perf_counter() - start,
                  ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -309,8 +338,45 @@ def train_step(run: Run, stream: Stream) -> tuple[MetricSums, float, float]:
     run.model.momentum_update()  # the EMA teacher follows every step's student (no-op without a teacher)
     run.schedule.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if task in run.adversaries:
+        adversary_step(run, task, batches, counts, total, sums)
     run.step += 1
     return sums, grad_norm, lr
+
+
+def adversary_step(run: Run, task: str, batches: list[dict], counts: list[int], total: float,
+                   sums: MetricSums) -> None:
+    """One step of the task's adversary on the step's batches (after the main step); its losses and counts
+    join the step's sums (``laviter_disc_*``), normalised as the main step's."""
+    world, optimizer, scaler = distributed.world_size(), run.d_optimizer, run.d_scaler
+    assert optimizer is not None
+    optimizer.zero_grad(set_to_none=True)
+    adversary = MetricSums()
+    for i, (batch, n) in enumerate(zip(batches, counts, strict=True)):
+        last = i == len(batches) - 1
+        sync = nullcontext() if last or not hasattr(run.ddp, "no_sync") else run.ddp.no_sync()
+        with sync:
+            with run.autocast():
+                out = run.ddp(task, batch, adversary=True)
+            loss = sum(v for k, v in out.items() if k.endswith("_loss")) * (n * world / max(total, 1.0))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        adversary.add(out, n, new_targets=False)
+    bad = {k: v for k, v in distributed.all_reduce_dict(adversary.losses()).items() if not math.isfinite(v)}
+    if bad:
+        fail(run, task, "non-finite adversary loss " + ", ".join(f"{k}={v}" for k, v in sorted(bad.items())))
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = adversary_parameters({task: run.adversaries[task]})
+    norm = clip_gradients(params, run.cfg.optim.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if not math.isfinite(norm):
+            fail(run, task, f"non-finite adversary gradient norm {norm}")
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums.merge(adversary)
 
 
 def save_checkpoint(run: Run, metrics: dict[str, float]) -> None:
@@ -328,6 +394,9 @@ def save_checkpoint(run: Run, metrics: dict[str, float]) -> None:
                 "optimizer": run.optimizer.state_dict(),
                 "schedule": run.schedule.state_dict(),
                 "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+                **({"d_optimizer": run.d_optimizer.state_dict(),
+                    "d_scaler": run.d_scaler.state_dict() if run.d_scaler is not None else None}
+                   if run.d_optimizer is not None else {}),
                 "step": run.step,
                 "samplers": samplers,
                 "task_sampler": run.task_sampler.state_dict(),

@@ -45,8 +45,10 @@ class MetricSums:
     def __init__(self, sums: Mapping[str, float] | None = None):
         self.sums: defaultdict[str, float] = defaultdict(float, sums or {})
 
-    def add(self, out: Mapping[str, Any], targets: float) -> None:
-        self.sums[TARGETS] += targets
+    def add(self, out: Mapping[str, Any], targets: float, *, new_targets: bool = True) -> None:
+        """``new_targets=False``: more outputs of targets already added (an adversary's step on a batch)."""
+        if new_targets:
+            self.sums[TARGETS] += targets
         for key, value in out.items():
             if key.endswith("_loss"):
                 self.sums[key] += float(value.detach()) * targets

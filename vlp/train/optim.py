@@ -3,7 +3,7 @@ weight decay on biases and LayerNorms; heads at ``head_lr_mult`` x lr), linear w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -40,10 +40,12 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def parameter_groups(parts: Sequence[tuple[nn.Module, float]], weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(parts: Sequence[tuple[nn.Module, float]], weight_decay: float,
+                     exclude: Collection[nn.Parameter] = ()) -> list[dict[str, Any]]:
     """A decayed and a non-decayed group per ``(module, lr)`` part; a parameter shared between parts (a head
-    tied to encoder weights) belongs to the first part that has it. Empty groups are left out."""
-    seen: set[int] = set()
+    tied to encoder weights) belongs to the first part that has it. Empty groups are left out, and so are the
+    ``exclude`` parameters (an adversary's, which its own optimizer steps)."""
+    seen: set[int] = {id(p) for p in exclude}
     groups = []
     for module, lr in parts:
         skip = no_decay_parameter_names(module)
@@ -65,10 +67,12 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(decay, 0.0)
 
 
-def build_optimizer(body: nn.Module, head: nn.Module, cfg: OptimConfig,
-                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``body`` at lr and ``head`` at head_lr_mult x lr, with its warmup/decay schedule."""
-    groups = parameter_groups([(body, cfg.lr), (head, cfg.lr * cfg.head_lr_mult)], cfg.weight_decay)
+def build_optimizer(body: nn.Module, head: nn.Module, cfg: OptimConfig, total_steps: int,
+                    exclude: Collection[nn.Parameter] = ()
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``body`` at lr and ``head`` at head_lr_mult x lr (less ``exclude``), with its warmup/decay
+    schedule."""
+    groups = parameter_groups([(body, cfg.lr), (head, cfg.lr * cfg.head_lr_mult)], cfg.weight_decay, exclude)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     warmup = cfg.warmup_steps(total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total_steps))

@@ -15,9 +15,12 @@ from torch import Tensor, nn
 
 from vlp.model import UniterConfig, UniterModel, init_from_bert
 from vlp.objectives import REGISTRY
+from vlp.objectives import laviter as laviter_lib
 from vlp.objectives.codebook import Codebook
+from vlp.objectives.damsm import GAMMAS, VTA
 from vlp.objectives.itc import ITC, ITCIntra
 from vlp.objectives.itm import ITM
+from vlp.objectives.laviter import LAViTeR
 from vlp.objectives.mlm import MLM
 from vlp.objectives.momentum import MomentumTeacher
 from vlp.objectives.mrm import MaskedRegionObjective
@@ -38,6 +41,54 @@ class ModelConfig(BaseModel):
     # Align before fuse: the first fusion_start layers attend within each modality only, the ITC features
     # are taken at that depth ([CLS] / mean of regions); 0 is UNITER. vlp.model.encoder.
     fusion_start: int = Field(0, ge=0)
+
+
+class DamsmConfig(BaseModel):
+    """DAMSM matching (the ``vta`` task, and L_VTA / L_FI / L_FT of ``laviter``): ``vlp.objectives.damsm``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int = Field(256, ge=1)  # the projections' size (AttnGAN, LAViTeR: 256)
+    gammas: tuple[float, float, float] = Field(GAMMAS)  # γ1 (word attention), γ2 (word sum), γ3 (softmax)
+    # The word level's text side: the words (AttnGAN's captions have no [CLS] / [SEP]) or also [CLS] / [SEP].
+    cls_sep: bool = False
+
+    @model_validator(mode="after")
+    def _positive(self) -> DamsmConfig:
+        if min(self.gammas) <= 0:
+            raise ValueError(f"gammas must be > 0, got {list(self.gammas)}")
+        return self
+
+
+class LaviterConfig(BaseModel):
+    """The ``laviter`` task (``vlp.objectives.laviter``): its loss weights, modules and adversarial step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # (λ_TIM, λ_C, λ_FI, λ_FT, λ_VTA) of Eq. 16; the paper's best COCO setting. A part at 0 is not computed:
+    # [0, 0, 0, 0, 1] is VTA alone, [0, 0.1, 0, 1, 50] VTA + captioner, [0.01, 0, 1, 0, 50] VTA + generator.
+    lambdas: tuple[float, float, float, float, float] = laviter_lib.PAPER_LAMBDAS
+    caption_layers: int = Field(2, ge=1)  # captioner decoder layers (the paper's CATR: 6)
+    generator_slots: int = Field(10, ge=1)  # regions per generated set (the demo's stores hold 10 per image)
+    generator_layers: int = Field(2, ge=1)
+    discriminator_layers: int = Field(2, ge=1)
+    cond_dim: int = Field(100, ge=1)  # conditioning augmentation's code (AttnGAN: 100)
+    noise_dim: int = Field(100, ge=1)  # z (AttnGAN: 100)
+    # The discriminator also sees real regions with another example's sentence as fakes (the LAViTeR and
+    # AttnGAN code; the paper's Eq. 10 has no such term).
+    mismatch: bool = False
+    # Weight (x λ_TIM) of feature matching on the discriminator's summary features: a stabiliser beyond the
+    # paper, off by default.
+    feature_matching: float = Field(0.0, ge=0)
+    # The discriminator's own optimizer: Adam (AttnGAN: lr 2e-4, betas (0.5, 0.999)), constant lr, clipped
+    # at optim.grad_clip like the rest.
+    d_lr: float = Field(2e-4, gt=0)
+    d_betas: tuple[float, float] = (0.5, 0.999)
+
+    @model_validator(mode="after")
+    def _lambdas(self) -> LaviterConfig:
+        laviter_lib.check_lambdas(self.lambdas)
+        return self
 
 
 class ObjectivesConfig(BaseModel):
@@ -84,6 +135,8 @@ class ObjectivesConfig(BaseModel):
     wra_cls_sep: bool = False
     # MRC-kl: KL per region averaged over regions (the paper) or also / (C+1) (element: the official code).
     mrc_kl_norm: Literal["region", "element"] = "region"
+    damsm: DamsmConfig = Field(default_factory=DamsmConfig)
+    laviter: LaviterConfig = Field(default_factory=LaviterConfig)
 
     @model_validator(mode="after")
     def _known_tasks(self) -> ObjectivesConfig:
@@ -134,8 +187,11 @@ class PretrainModel(nn.Module):
         if self.teacher is not None:
             self.teacher.update(self.teacher_students())
 
-    def forward(self, task: str, batch: dict) -> dict[str, Tensor]:
+    def forward(self, task: str, batch: dict, adversary: bool = False) -> dict[str, Tensor]:
+        """The task's losses; ``adversary``: its discriminator's loss instead (``vlp.train.adversarial``)."""
         objective = self.objectives[task]
+        if adversary:
+            return objective.discriminator_step(self.encoder, batch)
         if getattr(objective, "uses_context", False):
             return objective(self.encoder, batch, context=self)
         return objective(self.encoder, batch)
@@ -172,8 +228,24 @@ def objective_options(cfg: ObjectivesConfig, meta: Mapping[str, Any], label_dim:
         "codebook": {"size": cfg.codebook_size, "embed_dim": cfg.itc_dim, "plans": cfg.codebook_plans,
                      "targets": cfg.codebook_targets, "beta": cfg.codebook_beta,
                      "iterations": cfg.codebook_iters},
+        "vta": {"embed_dim": cfg.damsm.dim, "gamma1": cfg.damsm.gammas[0], "gamma2": cfg.damsm.gammas[1],
+                "gamma3": cfg.damsm.gammas[2], "cls_sep": cfg.damsm.cls_sep},
+        "laviter": laviter_options(cfg, meta),
     }
     return {task: by_task[task] for task in sorted(cfg.tasks)}
+
+
+def laviter_options(cfg: ObjectivesConfig, meta: Mapping[str, Any]) -> dict[str, Any]:
+    lav = cfg.laviter
+    # The captioner reads [CLS] + the text (txt_db's max_txt_len word pieces, [CLS] / [SEP] not counted).
+    max_len = int(meta.get("max_txt_len", 60)) + 2
+    return {"cls_id": int(meta["CLS"]), "sep_id": int(meta["SEP"]), "pad_id": int(meta.get("PAD", 0)),
+            "lambdas": list(lav.lambdas), "embed_dim": cfg.damsm.dim, "gammas": list(cfg.damsm.gammas),
+            "cls_sep": cfg.damsm.cls_sep, "caption_layers": lav.caption_layers, "caption_max_len": max_len,
+            "generator_slots": lav.generator_slots, "generator_layers": lav.generator_layers,
+            "cond_dim": lav.cond_dim, "noise_dim": lav.noise_dim,
+            "discriminator_layers": lav.discriminator_layers, "mismatch": lav.mismatch,
+            "feature_matching": lav.feature_matching}
 
 
 def build_model(ucfg: UniterConfig, options: Mapping[str, dict],
@@ -194,8 +266,11 @@ def build_model(ucfg: UniterConfig, options: Mapping[str, dict],
 
 def loss_weights(cfg: ObjectivesConfig) -> dict[str, float]:
     """Weight of each ``*_loss`` an objective returns (1 unless listed)."""
-    return {"wra_loss": cfg.wra_weight, "codebook_ot_loss": cfg.codebook_weight,
-            "codebook_pred_loss": cfg.codebook_weight}
+    weights = {"wra_loss": cfg.wra_weight, "codebook_ot_loss": cfg.codebook_weight,
+               "codebook_pred_loss": cfg.codebook_weight}
+    if "laviter" in cfg.tasks:
+        weights |= laviter_lib.loss_weights(cfg.laviter.lambdas, cfg.laviter.feature_matching)
+    return weights
 
 
 def target_count(objective: nn.Module, batch: dict) -> int:
@@ -208,6 +283,6 @@ def target_count(objective: nn.Module, batch: dict) -> int:
         return int((batch["txt_labels"] != -100).sum())
     if isinstance(objective, MaskedRegionObjective):
         return int(batch["img_masked"].sum())
-    if isinstance(objective, ITM | ITC | ITCIntra | Codebook):
+    if isinstance(objective, ITM | ITC | ITCIntra | Codebook | VTA | LAViTeR):
         return len(batch["img_keys"])
     raise TypeError(f"no target count for objective {type(objective).__name__}")

@@ -1,6 +1,7 @@
-"""Validation of a pretraining run: per-task loss and accuracy on the held-out split, and zero-shot
-image/text retrieval with the ITM head (every pair, or ALBEF's way for a model with the itc task: the
-contrastive similarity shortlists, the ITM head reranks).
+"""Validation of a pretraining run: per-task loss and accuracy on the held-out split, zero-shot image/text
+retrieval with the ITM head (every pair, or ALBEF's way for a model with the itc task: the contrastive
+similarity shortlists, the ITM head reranks) and, for a model with DAMSM heads (vta / laviter), LAViTeR's
+zero-shot evaluation (``DamsmValidation``).
 
 Each worker evaluates its own shard of the held-out batches (the same masks at every validation: the
 generators are seeded by batch); the sums of losses and of correct/count are added across workers, so the
@@ -10,7 +11,7 @@ workers and adds the partial matrices. In one process every collective is a no-o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from vlp.data.img_db import ImgDb
 from vlp.data.pretrain_dataset import ImageTextIndex, PretrainDataset
 from vlp.eval.retrieval import recall_at_k, score_all_pairs, shortlist_rerank
 from vlp.objectives.common import encode
+from vlp.tasks.laviter import LaviterEvalOptions, damsm_heads, laviter_evaluation
+from vlp.tasks.retrieval import PairScorer, Retrieval
 from vlp.train.device import to_device
 from vlp.train.metrics import MetricSums
 from vlp.train.precision import Autocast
@@ -152,3 +155,30 @@ def zero_shot_retrieval(scorer: RetrievalScorer, chunk: tuple[int, int], modes: 
     scorer.model.train(was_training)
     return out
 
+
+
+class DamsmValidation:
+    """LAViTeR's zero-shot evaluation of the retrieval split during pretraining (``vlp.tasks.laviter``):
+    ``zs_damsm_*`` (recall by DAMSM cosines), ``r_precision`` / ``r_precision_top3`` (one draw of the 99
+    negatives), with a generator ``r_precision_generated`` and the Fréchet distances, with a captioner
+    ``bleu1``..``bleu4`` / ``cider`` of greedy captions (``decode``: token ids -> text). Every worker computes
+    the same numbers (the split is small); AIMCoS needs the world's objects: the eval stage has it."""
+
+    OPTIONS = LaviterEvalOptions(repeats=1, beam_size=1)
+
+    def __init__(self, model: PretrainModel, dataset: PretrainDataset, pad_id: int, device: torch.device,
+                 autocast: Autocast, decode: Callable[[list[int]], str]):
+        index, texts = retrieval_index(dataset)
+        self.model, self.txt2img, self.decode = model, index.txt2img, decode
+        self.scorer = PairScorer(model.encoder, Retrieval(model.encoder.config), dataset.img_db,
+                                 index.img_keys, texts, pad_id=pad_id, device=device, autocast=autocast)
+
+    def __call__(self) -> dict[str, float]:
+        vta, laviter = damsm_heads(self.model.objectives)
+        if vta is None:
+            return {}
+        sections, _ = laviter_evaluation(self.model.encoder, vta, laviter, self.scorer, self.txt2img,
+                                         self.decode, self.OPTIONS)
+        out = {f"zs_damsm_{k}": v for k, v in sections["damsm"].items()}
+        out |= {k: v for k, v in sections["laviter"].items() if not k.endswith("_std") and k != "candidates"}
+        return out | {k: v for k, v in sections.get("captioning", {}).items() if k != "images"}
