@@ -228,14 +228,14 @@ def _run_stage(
     try:
         if ps.cached:
             manifest = store.manifest(ps.name, ps.key)
-            log.info("%s: cached (key %s), skipping", ps.name, ps.key)
+            log.info("%s: cached (key %s), skipping", ps.label, ps.key)
         else:
             # Another invocation on this work dir may be computing the same output: wait for it.
             with store.lock(ps.name, ps.key, lambda: log.info(
-                    "%s: waiting for another run computing key %s in this work dir", ps.name, ps.key)):
+                    "%s: waiting for another run computing key %s in this work dir", ps.label, ps.key)):
                 manifest = None if ps.force else store.manifest(ps.name, ps.key)
                 if manifest is not None:
-                    log.info("%s: committed by another run meanwhile (key %s), skipping", ps.name, ps.key)
+                    log.info("%s: committed by another run meanwhile (key %s), skipping", ps.label, ps.key)
                     ps.cached = True
                 else:
                     manifest = _compute(ps, cfg_data, store, Path(workdir), run_id, tracking["uri"], start)
