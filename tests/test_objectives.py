@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from vlp.model.config import UniterConfig
 from vlp.model.uniter import UniterModel
-from vlp.objectives import ITC, ITM, MLM, MRC, MRCKL, MRFR, REGISTRY
+from vlp.objectives import ITC, ITM, MLM, MRC, MRCKL, MRFR, REGISTRY, ObjectWordAlignment
 from vlp.objectives.itc import contrastive_loss, positives
 from vlp.objectives.itm import itm_loss, sample_negatives, word_positions, wra_loss
 from vlp.objectives.masking import IGNORE_INDEX, TokenMasking, mask_regions, mask_tokens
@@ -367,7 +367,8 @@ def test_itm_batch_of_one_image_has_no_negatives():
 
 
 def test_registry_and_requirements():
-    assert REGISTRY == {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM, "itc": ITC}
+    assert REGISTRY == {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM, "itc": ITC,
+                        "owa": ObjectWordAlignment}
     assert {name: cls.requires for name, cls in REGISTRY.items()} == {
         "mlm": (),
         "mrfr": (),
@@ -375,6 +376,7 @@ def test_registry_and_requirements():
         "mrc_kl": ("soft_labels",),
         "itm": (),
         "itc": (),
+        "owa": (),
     }
 
 
@@ -401,6 +403,11 @@ def test_every_objective_trains_under_bf16_autocast():
     for name, cls in REGISTRY.items():
         objective = cls(model, **options.get(name, {}))
         prepared = objective.prepare(batch, torch.Generator().manual_seed(0))
+        if name == "owa":  # alignment batches carry each annotated token's target over the regions
+            targets = torch.rand(*prepared["input_ids"].shape, prepared["img_mask"].size(1))
+            first_tokens = (torch.arange(targets.size(1)) < 3)[None, :, None]
+            targets = targets * prepared["img_mask"][:, None, :] * first_tokens
+            prepared = {**prepared, "align_targets": targets / targets.sum(-1, keepdim=True).clamp_min(1e-9)}
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = objective(model, prepared)

@@ -15,6 +15,7 @@ from vlp.objectives.itc import ITC
 from vlp.objectives.itm import ITM
 from vlp.objectives.mlm import MLM
 from vlp.objectives.mrm import MaskedRegionObjective
+from vlp.objectives.owa import ObjectWordAlignment
 
 
 class ModelConfig(BaseModel):
@@ -55,6 +56,12 @@ class ObjectivesConfig(BaseModel):
     wra_cls_sep: bool = False
     # MRC-kl: KL per region averaged over regions (the paper) or also / (C+1) (element: the official code).
     mrc_kl_norm: Literal["region", "element"] = "region"
+    # Object-word alignment (task owa, vlp.objectives.owa; its batches come from the alignment stage): the
+    # top-k of each word's region distribution (the paper: 3), the KL's support (full: over all regions, the
+    # top-k only for prediction; topk: the target restricted to the top-k) and the loss weight (the paper: 1).
+    owa_k: int = Field(3, ge=1)
+    owa_support: Literal["full", "topk"] = "full"
+    owa_weight: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
     def _known_tasks(self) -> ObjectivesConfig:
@@ -103,6 +110,7 @@ def objective_options(cfg: ObjectivesConfig, meta: Mapping[str, Any], label_dim:
         "itm": {"neg_prob": cfg.itm_neg_prob, "wra": cfg.wra, "wra_beta": cfg.wra_beta,
                 "wra_iters": cfg.wra_iters, "wra_cls_sep": cfg.wra_cls_sep},
         "itc": {"embed_dim": cfg.itc_dim, "temperature": cfg.itc_temperature},
+        "owa": {"k": cfg.owa_k, "support": cfg.owa_support},
     }
     return {task: by_task[task] for task in sorted(cfg.tasks)}
 
@@ -123,7 +131,7 @@ def build_model(ucfg: UniterConfig, options: Mapping[str, dict],
 
 def loss_weights(cfg: ObjectivesConfig) -> dict[str, float]:
     """Weight of each ``*_loss`` an objective returns (1 unless listed)."""
-    return {"wra_loss": cfg.wra_weight}
+    return {"wra_loss": cfg.wra_weight, "owa_loss": cfg.owa_weight}
 
 
 def target_count(objective: nn.Module, batch: dict) -> int:
@@ -138,4 +146,6 @@ def target_count(objective: nn.Module, batch: dict) -> int:
         return int(batch["img_masked"].sum())
     if isinstance(objective, ITM | ITC):
         return len(batch["img_keys"])
+    if isinstance(objective, ObjectWordAlignment):
+        return int((batch["align_targets"].sum(dim=-1) > 0).sum())
     raise TypeError(f"no target count for objective {type(objective).__name__}")
