@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from stages.alignment.config import AlignmentConfig
 from stages.base import StageError
 from stages.dedup.config import DedupConfig
 from stages.download.config import DownloadConfig
@@ -83,6 +84,7 @@ class PipelineConfig(BaseModel):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     txt_db: TxtDbConfig = Field(default_factory=TxtDbConfig)
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

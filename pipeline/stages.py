@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from pipeline.config import PipelineConfig
 from stages.eval.config import eval_upstream
-from stages.finetune.config import TASK_NAMES, finetune_upstream
+from stages.finetune.config import finetune_upstream
 from stages.outputs import StageOutput
+from stages.outputs.alignment import AlignmentOutput
 from stages.outputs.detector import DetectorOutput
 from stages.outputs.download import DedupOutput, DownloadOutput
 from stages.outputs.eval import EvalOutput, SummaryOutput
@@ -23,6 +24,7 @@ from stages.outputs.finetune import FinetuneIndexOutput, FinetuneOutput
 from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput
 from stages.outputs.world import WorldOutput
+from vlp.tasks import TASK_NAMES
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,27 @@ STAGES: dict[str, StageSpec] = {
             files=lambda cfg: (cfg.txt_db.tokenizer,),
         ),
         StageSpec(
+            name="alignment",
+            output=AlignmentOutput,
+            entry="stages.alignment.stage:run",
+            # the detector's config names its weight / vocabulary files (the names of its predictions)
+            config=("alignment", "features.detector"),
+            upstream=lambda cfg: ("dedup", "features", "txtdb", *_trained_detector(cfg)),
+            files=lambda cfg: (
+                cfg.alignment.word_vectors,
+                cfg.features.detector.weights,
+                cfg.features.detector.detectron2.classes_file,
+                cfg.features.detector.detectron2.attributes_file,
+            ),
+        ),
+        StageSpec(
             name="pretrain",
             output=PretrainOutput,
             entry="stages.pretrain.stage:run",
             config=("pretrain", "seed", "runtime.precision", "runtime.threads"),
-            upstream=lambda cfg: ("txtdb", "features"),
+            # the alignment annotations only when the object-word alignment objective is a task
+            upstream=lambda cfg: ("txtdb", "features")
+            + (("alignment",) if "owa" in cfg.pretrain.tasks else ()),
             files=lambda cfg: (cfg.pretrain.model.init_from_bert,),
         ),
         StageSpec(

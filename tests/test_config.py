@@ -94,7 +94,7 @@ def test_root_seed_reruns_exactly_the_stages_that_read_it(tmp_path):
 
     readers = {name for name, spec in STAGES.items() if "seed" in spec.config}
     assert readers == {"detector", "pretrain", *(f"finetune_{t}" for t in
-                                                 ("retrieval", "vqa", "nlvr2", "snli_ve", "refcoco"))}
+                                                 ("retrieval", "vqa", "nlvr2", "snli_ve", "refcoco", "gqa"))}
     base = _keys(load_config(DEFAULT_CONFIG), tmp_path)
     seeded = _keys(load_config(DEFAULT_CONFIG, ["seed=1"]), tmp_path)
     # The readers and what is downstream of them; the world (world.seed), its download and text dbs stay.

@@ -121,12 +121,12 @@ def test_image_keys_of_coco_vg_and_flickr30k_rows():
     coco = {"key": "coco:600421", "url": "http://images.cocodataset.org/train2014/x.jpg", "sha256": "AB",
             "coco_id": 600421, "flickr_id": None,
             "flickr_url": "http://farm2.staticflickr.com/1150/1016887272_5a3c9e1f0b_z.jpg"}
-    assert image_keys(coco) == {"coco_id": {600421}, "flickr_id": {1016887272},
+    assert image_keys(coco) == {"vg_id": set(), "coco_id": {600421}, "flickr_id": {1016887272},
                                 "url": {"http://images.cocodataset.org/train2014/x.jpg"},
                                 "content_hash": {"ab"}}
     vg = {"key": "vg:2418001", "url": "https://cs.stanford.edu/people/rak248/VG_100K/2418001.jpg",
           "sha256": None, "coco_id": 600421, "flickr_id": 1016887272, "flickr_url": None}
-    assert image_keys(vg) == {"coco_id": {600421}, "flickr_id": {1016887272},
+    assert image_keys(vg) == {"vg_id": {2418001}, "coco_id": {600421}, "flickr_id": {1016887272},
                               "url": {"http://cs.stanford.edu/people/rak248/VG_100K/2418001.jpg"},
                               "content_hash": set()}
     f30k = {"key": "flickr30k:3416050480", "url": None, "sha256": None, "coco_id": None, "flickr_id": None,
@@ -142,7 +142,9 @@ def test_config_defaults_and_validation():
     assert cfg.coco_karpathy_splits == ["val", "test"]
     assert cfg.refcoco_splits == ["val", "testA", "testB"]
     assert cfg.nlvr2_splits == ["dev", "test1"]
-    assert cfg.reasons.model_dump() == {"coco_id": True, "flickr_id": True, "url": True, "content_hash": True}
+    assert cfg.gqa_splits == ["val", "testdev"]
+    assert cfg.reasons.model_dump() == {"coco_id": True, "vg_id": True, "flickr_id": True, "url": True,
+                                        "content_hash": True}
     with pytest.raises(ValidationError):
         DedupConfig(blocked=["x"])
     with pytest.raises(ValidationError):
@@ -492,3 +494,54 @@ def test_stage_rejects_bad_input_with_one_line(tmp_path):
     write(pa.Table.from_pylist([coco(5)], schema=IMAGES).drop_columns(["flickr_url"]), shard)
     with pytest.raises(StageError, match=r"shard-00000.parquet: missing column 'flickr_url'"):
         stage.run(ctx)
+
+
+# ------------------------------------------------------------------------------------------------------ GQA
+
+
+def test_gqa_evaluation_images_are_blocked_only_with_gqa(tmp_path):
+    """GQA val / testdev images: their VG images by VG id, the COCO copy of one by its COCO id, a CC copy of a
+    testdev image by its bytes; GQA train images stay. Without a GQA table the report is as before."""
+    from vlp.data.tables import TASK_GQA
+
+    root = tmp_path / "download"
+    build_download(root)
+    n7 = b"gqa testdev n7"
+    extra = {
+        ("vg", 1): [vg(2418010, coco_id=101), vg(2418011)],
+        ("gqa", 0): [image("gqa", "gqa:n7", "https://downloads.cs.stanford.edu/nlp/data/gqa/images/n7.jpg",
+                           "testdev", content=n7)],
+        ("cc", 1): [image("cc", "cc:train:9", "https://another.example/copy.jpg", content=n7)],
+    }
+    for (corpus, i), rows in extra.items():
+        write(pa.Table.from_pylist(rows, schema=IMAGES), root / "images" / corpus / f"shard-{i:05d}.parquet")
+        (root / "stats" / corpus).mkdir(parents=True, exist_ok=True)
+        stats = json.dumps({"ok": len(rows), "failed": {}})
+        (root / "stats" / corpus / f"shard-{i:05d}.json").write_text(stats)
+    questions = [("00000001", "2418010", "vg:2418010", "val"), ("00000002", "2418011", "vg:2418011", "train"),
+                 ("00000003", "n7", "gqa:n7", "testdev")]
+    write(pa.Table.from_pylist([{"question_id": q, "image_id": i, "image_key": k, "split": s, "question": "?",
+                                 "answer": "yes", "is_balanced": True, "entailed": [], "equivalent": [q],
+                                 "semantic": "[]", "pointers": []} for q, i, k, s in questions],
+                               schema=TASK_GQA), root / "tables" / "task_gqa.parquet")
+    _, out, result = run_stage(tmp_path, DedupConfig())
+    assert removed_set(out) == EXPECTED_REMOVED | {
+        ("vg", "vg:2418010", "vg_id", "2418010"),
+        ("coco", "coco:101", "coco_id", "101"),
+        ("cc", "cc:train:9", "content_hash", sha(n7)),
+    }
+    report = json.loads((out / "report.json").read_text())
+    assert report["removed"]["vg"] == {"vg_id": 1, "coco_id": 1, "flickr_id": 1, "url": 1, "content_hash": 1}
+    assert report["blocklist"]["vg_ids"] == 1 and report["kept"]["gqa"] == 1
+    assert "| dataset | kept | failed dropped | vg_id | coco_id |" in (out / "report.md").read_text()
+    assert result.params["gqa_splits"] == "val,testdev"
+    assert result.params["reasons"] == "vg_id,coco_id,flickr_id,url,content_hash"
+
+    _, out, result = run_stage(tmp_path, DedupConfig(gqa_splits=["val"]), "val_only")
+    assert ("cc", "cc:train:9", "content_hash", sha(n7)) not in removed_set(out)
+    # the default run of the other tests never shows GQA's reason or setting
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _, out, result = run_stage(plain, DedupConfig())
+    assert "vg_id" not in json.loads((out / "report.json").read_text())["removed"]["vg"]
+    assert "gqa_splits" not in result.params and "blocklist.vg_ids" not in result.metrics

@@ -97,7 +97,11 @@ def build_world(root: Path) -> dict[str, Path]:
     ref_images = {f"coco:{100 + i}": scene(rng) for i in range(8)}
     nlvr2 = {f"nlvr2:{split}-{i}-0-img{side}": scene(rng)
              for split, n in (("train", 8), ("dev", 3), ("test1", 3)) for i in range(n) for side in (0, 1)}
-    all_scenes = flickr | vqa_images | ref_images | nlvr2
+    # GQA: its own generator, after every other draw, so the other tasks' data is as it was before GQA.
+    gqa_rng = np.random.default_rng(1)
+    gqa_images = {f"vg:{500 + i}": scene(gqa_rng) for i in range(8)} | {f"gqa:n{7 + i}": scene(gqa_rng)
+                                                                         for i in range(2)}
+    all_scenes = flickr | vqa_images | ref_images | nlvr2 | gqa_images
 
     features = FeaturesOutput(root / "features")
     with ImgDbWriter(features.store_dir, nbb_configs=[NBB]) as writer:
@@ -193,6 +197,7 @@ def build_world(root: Path) -> dict[str, Path]:
     texts += [r["question"] for r in vqa_rows] + [r["sentence"] for r in nlvr2_rows]
     texts += [r["hypothesis"] for r in snli_rows] + [s for r in ref_rows for s in r["sentences"]]
 
+    gqa_rows, gqa_objects = gqa_tables(gqa_images)
     tok = train_wordpiece(texts, 300)
     txtdb = TxtDbOutput(root / "txtdb")
     save_tokenizer(tok, txtdb.tokenizer_dir)
@@ -211,6 +216,8 @@ def build_world(root: Path) -> dict[str, Path]:
     write_table(dedup / "tables" / "task_snli_ve.parquet", snli_rows, tables.TASK_SNLI_VE)
     write_table(dedup / "tables" / "entities.parquet", entity_rows, tables.ENTITIES)
     write_table(dedup / "tables" / "splits.parquet", split_rows, tables.SPLITS)
+    write_table(dedup / "tables" / "task_gqa.parquet", gqa_rows, tables.TASK_GQA)
+    write_table(dedup / "tables" / "task_gqa_objects.parquet", gqa_objects, tables.TASK_GQA_OBJECTS)
     flickr_shard = dedup / "images" / "flickr30k" / "shard-00000.parquet"
     write_table(flickr_shard, image_rows("flickr30k", flickr, False), tables.IMAGES)
     write_table(download / "tables" / "task_refcoco.parquet", ref_rows, tables.TASK_REFCOCO)
@@ -240,15 +247,53 @@ def build_world(root: Path) -> dict[str, Path]:
             "pretrain": pretrain.root}
 
 
+def gqa_tables(images: dict) -> tuple[list[dict], list[dict]]:
+    """Two questions per image, the second entailed by the first: "what color is the <shape>?" and "is the
+    <shape> <colour>?"; train: 6 VG images, val: 2, testdev: GQA's 2 own images (no scene graphs)."""
+    questions, objects = [], []
+    for i, (key, objs) in enumerate(images.items()):
+        image_id = key.split(":")[1]
+        split = "train" if i < 6 else "val" if i < 8 else "testdev"
+        shape, colour, (x1, y1, x2, y2) = objs[0]
+        oid = f"{image_id}0"
+        select = {"operation": "select", "dependencies": [], "argument": f"{shape} ({oid})"}
+        q1, q2 = f"{image_id}01", f"0{image_id}02"  # string ids, one with a leading zero
+        common = {"image_id": image_id, "image_key": key, "split": split, "is_balanced": True,
+                  "semantic_type": "attr", "local_group": None, "equivalent": []}
+        pointer = [{"field": "question", "start": 4, "end": 5, "object_id": oid}]
+        questions.append({**common, "question_id": q1, "question": f"what color is the {shape}?",
+                          "answer": colour, "full_answer": f"The {shape} is {colour}.", "structural": "query",
+                          "detailed": "queryAttr", "global_group": "color", "entailed": [q2],
+                          "semantic": json.dumps([select, {"operation": "query", "dependencies": [0],
+                                                           "argument": "color"}]),
+                          "pointers": pointer})
+        asked = colour if i % 2 == 0 else "green" if colour != "green" else "red"
+        questions.append({**common, "question_id": q2, "question": f"is the {shape} {asked}?",
+                          "answer": "yes" if asked == colour else "no", "full_answer": None,
+                          "structural": "verify", "detailed": "verifyAttr", "global_group": None,
+                          "entailed": [], "pointers": [],
+                          "semantic": json.dumps([select, {"operation": "verify color", "dependencies": [0],
+                                                           "argument": asked}])})
+        if split != "testdev":
+            for j, (sh, col, (a1, b1, a2, b2)) in enumerate(objs):
+                objects.append({"image_id": image_id, "image_key": key, "split": split, "width": WIDTH,
+                                "height": HEIGHT, "object_id": f"{image_id}{j}", "name": sh,
+                                "attributes": [col],
+                                "relations": [], "x": a1, "y": b1, "w": a2 - a1, "h": b2 - b1})
+    return questions, objects
+
+
 def configs(root: Path, skip_missing_images: bool = False, **common) -> SimpleNamespace:
     train = {"max_steps": 3, "batch_units": 400, "lr": 1e-3}
     finetune = FinetuneConfig(
+        tasks=list(TASK_NAMES),
         common={"log_every": 1, **common},
         retrieval={**train, "neg_samples": 3, "hard_negatives": 2, "batch_units": 120, "epochs": 10},
         vqa={**train, "options": {"min_count": 1}, "train_split": "train2014", "val_split": "val2014"},
         nlvr2={**train, "options": {"variant": "pair"}, "train_split": "train", "val_split": "dev"},
         snli_ve={**train, "train_split": "train", "val_split": "dev"},
         refcoco={**train, "train_split": "train", "val_split": "val"},
+        gqa={**train, "train_split": "train", "val_split": "val"},
     )
     evaluation = EvalConfig(retrieval={"shortlist_k": 2, "chunk": (3, 5), "attention_pairs": 2},
                             splits={"vqa": ["val2014", "test-dev2015"]})
@@ -398,8 +443,8 @@ def test_eval_writes_metrics_summary_and_figures(evaluated):
     markdown = (out / "summary.md").read_text()
     assert "| vqa | val2014 | vqa_score |" in markdown and "IAIS lowers ISDa" in markdown
     pngs = sorted(p for p in aggregate.artifacts if p.endswith(".png"))
-    assert pngs == [f"figures/{kind}_{d}_test.png" for kind in ("attention", "recall")
-                    for d in ("coco", "flickr30k")]
+    assert pngs == sorted([f"figures/{kind}_{d}_test.png" for kind in ("attention", "recall")
+                           for d in ("coco", "flickr30k")] + ["figures/attention_gqa_val.png"])
     for artifact in aggregate.artifacts:
         assert (out / artifact).is_file()
     assert Image.open(out / pngs[-1]).format == "PNG"
@@ -414,6 +459,21 @@ def test_eval_writes_metrics_summary_and_figures(evaluated):
                           "vqa_OpenEnded_mscoco_test-dev2015_pretrained_results.json").read_text())
     assert [r["question_id"] for r in results] == [9000, 9001]
     assert all(r.keys() == {"question_id", "answer"} and r["answer"] in ("yes", "no") for r in results)
+    # GQA: the official metrics of val (validity / plausibility from its scene graphs, consistency over the
+    # entailed questions), testdev scored and written in the evaluation server's format (no scene graphs).
+    val, testdev = metrics["gqa"]["pretrained"]["val"], metrics["gqa"]["pretrained"]["testdev"]
+    assert val["gqa_questions"] == 4 and val["gqa_choices_questions"] == 4
+    assert {"gqa_accuracy", "gqa_binary", "gqa_open", "gqa_validity", "gqa_plausibility", "gqa_distribution",
+            "gqa_acc", "gqa_loss"} <= val.keys()
+    assert val["gqa_accuracy"] == val["gqa_acc"]
+    assert "gqa_validity" not in testdev and testdev["gqa_questions"] == 4
+    gqa_out = root / "out" / "eval_gqa" / "scratch"
+    submission = json.loads((gqa_out / "gqa_testdev_submission.json").read_text())
+    assert sorted(r["questionId"] for r in submission) == ["0n702", "0n802", "n701", "n801"]
+    assert all(r.keys() == {"questionId", "prediction"} for r in submission)
+    assert not (gqa_out / "gqa_val_submission.json").exists()
+    assert ("gqa", "val", "gqa_consistency") in tasks or val.get("gqa_consistency_questions", 0) == 0
+    assert ("gqa", "testdev", "gqa_accuracy") in tasks
     # The ground-truth regions of every RefCOCO image (5 train, 3 evaluated), in the features layout.
     gt = FeaturesOutput(root / "out" / "gt_features").img_db()
     assert len(gt) == 8 and all(gt.get(k).features.shape[1] == DIM for k in gt.keys())

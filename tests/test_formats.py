@@ -56,6 +56,13 @@ VQA_FILES = {
     "annotations_train2014": F / "vqa_v2" / "v2_mscoco_train2014_annotations.json",
 }
 REFCOCO_FILES = {"refs": F / "refcoco" / "refs(unc).p", "instances": F / "refcoco" / "instances.json"}
+GQA_FILES = {
+    "questions_val": F / "gqa" / "val_balanced_questions.json",
+    "questions_testdev": OWN / "gqa" / "testdev_balanced_questions.json",
+    "scene_graphs_val": OWN / "gqa" / "val_sceneGraphs.json",
+}
+GQA_IMAGES = "https://downloads.cs.stanford.edu/nlp/data/gqa/images/"
+GQA_SOURCE = DatasetSource(files={}, image_base_url=GQA_IMAGES)
 # The Karpathy split of the sample COCO images (the real dataset_coco.json is not among the samples).
 KARPATHY_SPLITS = {57870: "train", 600421: "restval", 397133: "val", 37777: "test", 600422: "test"}
 
@@ -177,6 +184,7 @@ def all_datasets(tmp_path: Path) -> dict[str, Parsed]:
         "vqa": parse_dataset("vqa", VQA_FILES, SOURCE),
         "snli_ve": parse_dataset("snli_ve", snli_ve_files(tmp_path), SOURCE),
         "refcoco": parse_dataset("refcoco", REFCOCO_FILES, SOURCE),
+        "gqa": parse_dataset("gqa", GQA_FILES, GQA_SOURCE),
     }
 
 
@@ -188,9 +196,11 @@ def image(parsed: Parsed, key: str) -> ImageRef:
 # ------------------------------------------------------------------------------------------ every parser
 
 
-def test_every_dataset_of_the_demo_config_has_a_parser():
-    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
-    assert sorted(PARSERS) == sorted(demo["download"]["datasets"])
+def test_every_dataset_of_the_demo_and_gqa_configs_has_a_parser():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    demo = yaml.safe_load((configs / "demo.yaml").read_text())["download"]["datasets"]
+    gqa = yaml.safe_load((configs / "gqa.yaml").read_text())["download"]["datasets"]
+    assert sorted(PARSERS) == sorted({*demo, *gqa}) and "gqa" not in demo
 
 
 def test_rows_fit_the_table_schemas_and_image_keys_are_unique(tmp_path):
@@ -772,6 +782,73 @@ def test_refcoco_pickle_of_ordered_dicts(tmp_path):
 # ------------------------------------------------------------------------------------------- bad inputs
 
 
+def test_gqa_questions_keep_string_ids_and_pointer_spans():
+    parsed = parse_dataset("gqa", GQA_FILES, GQA_SOURCE)
+    rows = {r["question_id"]: r for r in parsed.tasks["gqa"]}
+    # keys stay strings with their leading zeros, in file order, splits by name
+    assert list(rows) == ["20968379", "02968381", "02968383", "00126851", "02930152", "07333408"]
+    wall = rows["07333408"]
+    assert (wall["image_id"], wall["image_key"], wall["split"]) == ("2375429", "vg:2375429", "val")
+    assert (wall["answer"], wall["full_answer"]) == ("pipe", "The pipe is on the wall.")
+    assert (wall["structural"], wall["semantic_type"], wall["detailed"]) == ("query", "rel", "relS")
+    assert (wall["global_group"], wall["local_group"]) == ("", "14-wall_on,s")  # "" is not null
+    assert wall["pointers"] == [
+        {"field": "question", "start": 4, "end": 6, "object_id": "722332"},  # "4:6" = "white wall?"
+        {"field": "answer", "start": 0, "end": 1, "object_id": "722335"},
+        {"field": "fullAnswer", "start": 1, "end": 2, "object_id": "722335"},
+        {"field": "fullAnswer", "start": 5, "end": 6, "object_id": "722332"},
+    ]
+    operations = [op["operation"] for op in json.loads(wall["semantic"])]
+    assert operations == ["select", "filter color", "relate", "query"]
+    sky = rows["02930152"]
+    assert sky["entailed"][:2] == ["02930160", "02930158"] and sky["equivalent"] == ["02930152"]
+    assert rows["00126851"]["global_group"] is None and rows["00126851"]["is_balanced"] is True
+    cart = rows["00126851"]["pointers"]
+    words = rows["00126851"]["question"].split()
+    assert [words[p["start"]] for p in cart if p["field"] == "question"] == ["carts", "pond?"]
+
+
+def test_gqa_testdev_images_are_gqa_own_n_prefixed_images():
+    parsed = parse_dataset("gqa", GQA_FILES, GQA_SOURCE)
+    testdev = [r for r in parsed.tasks["gqa"] if r["split"] == "testdev"]
+    assert {r["image_id"] for r in testdev} == {"n161313", "n336443"}
+    assert {r["image_key"] for r in testdev} == {"gqa:n161313", "gqa:n336443"}
+    red = next(r for r in testdev if r["question_id"] == "20968379")
+    assert [(p["field"], p["start"], p["end"]) for p in red["pointers"]] == [("question", 3, 5),
+                                                                            ("fullAnswer", 4, 6)]
+    assert red["question"].split()[3:5] == ["red", "circle?"]
+    # Only GQA's own images are fetched by the gqa dataset (its VG images are the vg dataset's)
+    assert sorted((ref.key, ref.url, ref.split) for ref in parsed.images) == [
+        ("gqa:n161313", GQA_IMAGES + "n161313.jpg", "testdev"),
+        ("gqa:n336443", GQA_IMAGES + "n336443.jpg", "testdev"),
+    ]
+    with pytest.raises(FormatError) as err:
+        parse_dataset("gqa", GQA_FILES, SOURCE)
+    assert str(err.value) == (
+        f"{GQA_FILES['questions_testdev']}: record 0 (question 20968379): field 'imageId': 'n161313' is "
+        "GQA's own image (not a Visual Genome one): download.datasets.gqa.image_base_url is required to "
+        "fetch it")
+
+
+def test_gqa_scene_graphs_one_row_per_object_with_relations():
+    parsed = parse_dataset("gqa", GQA_FILES, GQA_SOURCE)
+    objects = {r["object_id"]: r for r in parsed.tasks["gqa_objects"]}
+    assert sorted(objects) == ["1039872", "1039893", "2486325", "722332", "722335"]
+    cart = objects["1039872"]
+    assert (cart["image_id"], cart["image_key"], cart["split"], cart["width"], cart["height"]) == (
+        "1159529", "vg:1159529", "val", 500, 333)
+    assert (cart["name"], cart["attributes"], (cart["x"], cart["y"], cart["w"], cart["h"])) == (
+        "cart", ["wooden", "brown"], (20.0, 180.0, 80.0, 70.0))
+    assert cart["relations"] == [{"name": "near", "object": "1039893"},
+                                 {"name": "to the left of", "object": "1039893"}]
+    assert objects["2486325"]["relations"] == []
+    # the questions' pointers name objects of their image's scene graph
+    for row in parsed.tasks["gqa"]:
+        if row["split"] == "val":
+            assert {p["object_id"] for p in row["pointers"]} <= {
+                o for o, r in objects.items() if r["image_id"] == row["image_id"]}
+
+
 def test_format_error_is_a_one_line_stage_error():
     err = FormatError("a.json", "invalid JSON:\nline two", record=3, record_id="image 7", field="url")
     assert isinstance(err, StageError)
@@ -1188,13 +1265,92 @@ def bad_unknown_role(tmp):
 
 def bad_unknown_dataset(tmp):
     return (
-        "gqa",
+        "vizwiz",
         {},
         (
-            "dataset 'gqa': no parser for this dataset (known: coco, vg, cc, sbu, flickr30k, nlvr2, vqa,"
-            " snli_ve, refcoco)"
+            "dataset 'vizwiz': no parser for this dataset (known: coco, vg, cc, sbu, flickr30k, nlvr2, vqa,"
+            " snli_ve, refcoco, gqa)"
         ),
     )
+
+
+def _gqa_edit(tmp, role, edit):
+    return "gqa", {**GQA_FILES, role: _edit_json(tmp, GQA_FILES[role], edit)}
+
+
+def bad_gqa_span_past_the_text(tmp):
+    def edit(data):
+        data["07333408"]["annotations"]["question"] = {"4:9": "722332"}
+
+    name, files = _gqa_edit(tmp, "questions_val", edit)
+    return name, files, ("{questions_val}: record 2 (question 07333408): field 'annotations.question.4:9': "
+                         "points past the 6 words of question 'What is on the white wall?'")
+
+
+def bad_gqa_pointer_key(tmp):
+    def edit(data):
+        data["00126851"]["annotations"]["fullAnswer"] = {"cart": "1039872"}
+
+    name, files = _gqa_edit(tmp, "questions_val", edit)
+    return name, files, ("{questions_val}: record 0 (question 00126851): field "
+                         "'annotations.fullAnswer.cart': expected a word index '4' or span '4:6', got key "
+                         "'cart'")
+
+
+def bad_gqa_pointer_to_a_number(tmp):
+    def edit(data):
+        data["02930152"]["annotations"]["question"]["2"] = 2486325
+
+    name, files = _gqa_edit(tmp, "questions_val", edit)
+    return name, files, ("{questions_val}: record 1 (question 02930152): field 'annotations.question.2': "
+                         "expected an object id string, got int 2486325")
+
+
+def bad_gqa_integer_image_id(tmp):
+    def edit(data):
+        data["02930152"]["imageId"] = 2354786
+
+    name, files = _gqa_edit(tmp, "questions_val", edit)
+    return name, files, ("{questions_val}: record 1 (question 02930152): field 'imageId': expected a string, "
+                         "got int 2354786")
+
+
+def bad_gqa_image_id_spelling(tmp):
+    def edit(data):
+        data["20968379"]["imageId"] = "testdev/161313"
+
+    name, files = _gqa_edit(tmp, "questions_testdev", edit)
+    return name, files, ("{questions_testdev}: record 0 (question 20968379): field 'imageId': expected a "
+                         "Visual Genome id or 'n<digits>', got 'testdev/161313'")
+
+
+def bad_gqa_question_missing(tmp):
+    def edit(data):
+        del data["02968383"]["question"]
+
+    name, files = _gqa_edit(tmp, "questions_testdev", edit)
+    return name, files, "{questions_testdev}: record 2 (question 02968383): field 'question': missing"
+
+
+def bad_gqa_relation_to_another_image(tmp):
+    def edit(data):
+        data["2375429"]["objects"]["722335"]["relations"][0]["object"] = "2486325"
+
+    name, files = _gqa_edit(tmp, "scene_graphs_val", edit)
+    return name, files, ("{scene_graphs_val}: record 2 (image 2375429): field 'objects.722335.relations[0]."
+                         "object': '2486325' is no object of image 2375429")
+
+
+def bad_gqa_questions_as_a_list(tmp):
+    path = write_json(tmp / "edited" / "val_balanced_questions.json",
+                      list(read_json(GQA_FILES["questions_val"]).values()))
+    expected = "{questions_val}: expected an object at top level, got list of 3"
+    return "gqa", {**GQA_FILES, "questions_val": path}, expected
+
+
+def bad_gqa_unknown_role(tmp):
+    return "gqa", {**GQA_FILES, "choices_val": GQA_FILES["questions_val"]}, (
+        "dataset 'gqa': unknown file role 'choices_val' (known: questions_<split>, scene_graphs_<split>)")
 
 
 BAD_INPUTS = [value for name, value in sorted(globals().items()) if name.startswith("bad_")]

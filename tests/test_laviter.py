@@ -419,9 +419,9 @@ def test_the_pretraining_config_builds_vta_and_laviter_with_the_paper_weights():
             weights["laviter_vta_sentence_loss"], weights["laviter_fm_loss"]) == (
         0.01, 0.01, 0.1, 1, 1, 50, 50, 0)
     assert "vta_word_loss" not in weights  # the vta task's losses weigh 1
-    # The default path is untouched: only the weights of the default tasks and of CODIS's codebook (1).
+    # The default path is untouched: only WRA's weight and those of the other opt-in tasks' losses (1).
     assert loss_weights(ObjectivesConfig()) == {"wra_loss": 0.1, "codebook_ot_loss": 1.0,
-                                                "codebook_pred_loss": 1.0}
+                                                "codebook_pred_loss": 1.0, "owa_loss": 1.0}
     assert REGISTRY["vta"] is VTA and REGISTRY["laviter"] is LAViTeR
     with pytest.raises(ValueError, match="λ_FT > 0 needs λ_C > 0"):
         ObjectivesConfig(tasks={"laviter": 1.0}, laviter={"lambdas": [0, 0, 0, 1, 1]})

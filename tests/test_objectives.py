@@ -9,7 +9,20 @@ import torch.nn.functional as F
 
 from vlp.model.config import UniterConfig
 from vlp.model.uniter import UniterModel
-from vlp.objectives import ITC, ITM, MLM, MRC, MRCKL, MRFR, REGISTRY, VTA, Codebook, ITCIntra, LAViTeR
+from vlp.objectives import (
+    ITC,
+    ITM,
+    MLM,
+    MRC,
+    MRCKL,
+    MRFR,
+    REGISTRY,
+    VTA,
+    Codebook,
+    ITCIntra,
+    LAViTeR,
+    ObjectWordAlignment,
+)
 from vlp.objectives.itc import contrastive_loss, positives
 from vlp.objectives.itm import itm_loss, sample_negatives, word_positions, wra_loss
 from vlp.objectives.masking import IGNORE_INDEX, TokenMasking, mask_regions, mask_tokens
@@ -369,7 +382,8 @@ def test_itm_batch_of_one_image_has_no_negatives():
 
 def test_registry_and_requirements():
     assert REGISTRY == {"mlm": MLM, "mrfr": MRFR, "mrc": MRC, "mrc_kl": MRCKL, "itm": ITM, "itc": ITC,
-                        "itc_intra": ITCIntra, "codebook": Codebook, "vta": VTA, "laviter": LAViTeR}
+                        "itc_intra": ITCIntra, "codebook": Codebook, "vta": VTA, "laviter": LAViTeR,
+                        "owa": ObjectWordAlignment}
     assert {name: cls.requires for name, cls in REGISTRY.items()} == {
         "mlm": (),
         "mrfr": (),
@@ -381,6 +395,7 @@ def test_registry_and_requirements():
         "codebook": (),
         "vta": (),
         "laviter": (),
+        "owa": (),
     }
 
 
@@ -410,6 +425,11 @@ def test_every_objective_trains_under_bf16_autocast():
     for name, cls in REGISTRY.items():
         objective = cls(model, **options.get(name, {}))
         prepared = objective.prepare(batch, torch.Generator().manual_seed(0))
+        if name == "owa":  # alignment batches carry each annotated token's target over the regions
+            targets = torch.rand(*prepared["input_ids"].shape, prepared["img_mask"].size(1))
+            first_tokens = (torch.arange(targets.size(1)) < 3)[None, :, None]
+            targets = targets * prepared["img_mask"][:, None, :] * first_tokens
+            prepared = {**prepared, "align_targets": targets / targets.sum(-1, keepdim=True).clamp_min(1e-9)}
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if getattr(objective, "uses_context", False):

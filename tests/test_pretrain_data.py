@@ -425,3 +425,12 @@ def test_streams_mix_tasks_by_dataset_weights_as_uniters_configs():
         "mrc_kl/vg": 1 / 12, "mrfr/coco": 1 / 12, "mrfr/vg": 1 / 12})
     # One corpus: the streams are the tasks themselves (names, ratios and seeds as before).
     assert [(s.name, s.ratio) for s in streams(tasks, {"": 1.0})] == sorted(tasks.items())
+
+
+def test_the_alignment_task_is_one_stream_of_its_own_data():
+    tasks = {"itm": 2, "mlm": 2, "owa": 1}
+    mix = {s.name: (s.task, s.ratio) for s in streams(tasks, {"coco": 1, "vg": 3})}
+    # owa's batches are the alignment annotations, not the caption datasets: one stream at its own ratio
+    assert mix == {"itm/coco": ("itm", 2), "itm/vg": ("itm", 6), "mlm/coco": ("mlm", 2), "mlm/vg": ("mlm", 6),
+                   "owa": ("owa", 1)}
+    assert [(s.name, s.ratio) for s in streams(tasks, {"": 1.0})] == sorted(tasks.items())

@@ -17,8 +17,9 @@ from vlp.data.img_db import ImgDb, ImgDbWriter
 from vlp.data.tables import IMAGES, OBJECTS, TASK_NLVR2, TASK_REFCOCO, TASK_SNLI_VE, TASK_VQA
 from vlp.data.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from vlp.model import UniterConfig, UniterModel
-from vlp.tasks import TASKS
+from vlp.tasks import DEFAULT_TASKS, TASKS
 from vlp.tasks.common import TaskDataError, read_image_sizes
+from vlp.tasks.gqa import GQA
 from vlp.tasks.nlvr2 import NLVR2, AttentionPool, expand_type_embeddings
 from vlp.tasks.refexp import NO_TARGET, RefExp, box_iou, match_region, refexp_hits
 from vlp.tasks.snli_ve import SNLIVE
@@ -175,11 +176,12 @@ def test_nlvr2_attention_pool_official_relu_and_plain_linear():
 
 
 def test_registry_names_and_metrics():
-    assert TASKS == {"vqa": VQA, "nlvr2": NLVR2, "snli_ve": SNLIVE, "refcoco": RefExp}
+    assert TASKS == {"vqa": VQA, "nlvr2": NLVR2, "snli_ve": SNLIVE, "refcoco": RefExp, "gqa": GQA}
     assert {name: (t.name, t.metric) for name, t in TASKS.items()} == {
         "vqa": ("vqa", "vqa_score"), "nlvr2": ("nlvr2", "nlvr2_acc"), "snli_ve": ("snli_ve", "snli_ve_acc"),
-        "refcoco": ("refcoco", "refcoco_acc"),
+        "refcoco": ("refcoco", "refcoco_acc"), "gqa": ("gqa", "gqa_acc"),
     }
+    assert DEFAULT_TASKS == ("retrieval", "vqa", "nlvr2", "snli_ve", "refcoco")  # GQA is opt-in
 
 
 def test_metrics_from_sums():

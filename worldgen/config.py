@@ -42,6 +42,11 @@ class WorldSizes(BaseModel):
     nlvr2_train: int = Field(140, ge=1)  # image pairs (two images each)
     nlvr2_dev: int = Field(30, ge=1)
     nlvr2_test1: int = Field(30, ge=1)
+    # GQA (published only when download.datasets configures it: configs/gqa.yaml). Train and val images are
+    # Visual Genome images (neither planted nor faulty); testdev images are GQA's own ("n<digits>").
+    gqa_train: int = Field(150, ge=1)
+    gqa_val: int = Field(40, ge=1)
+    gqa_testdev: int = Field(30, ge=1)
 
 
 class WorldOverlaps(BaseModel):
@@ -86,6 +91,8 @@ class WorldConfig(BaseModel):
     jpeg_quality: int = Field(90, ge=50, le=100)
     captions_per_image: int = Field(5, ge=1, le=10)  # COCO and Flickr30k (CC and SBU have one)
     vqa_questions_per_image: int = Field(3, ge=1, le=20)
+    gqa_questions_per_image: int = Field(6, ge=1, le=20)  # balanced questions per GQA image (fewer if the
+    # scene cannot yield that many distinct ones)
     sizes: WorldSizes = Field(default_factory=WorldSizes)
     overlaps: WorldOverlaps = Field(default_factory=WorldOverlaps)
     faults: WorldFaults = Field(default_factory=WorldFaults)

@@ -25,9 +25,14 @@ class Site:
     scenes: list[dict]  # per published image URL: dataset, key, objects with their boxes
 
 
-def publish(cfg: WorldConfig, sources: dict[str, dict[str, str]], flickr30k_image_base_url: str) -> Site:
-    """Build the world and place it at the URLs of ``sources`` (dataset -> role -> metadata URL)."""
-    world = build_world(cfg, flickr30k_image_base_url)
+def publish(cfg: WorldConfig, sources: dict[str, dict[str, str]], flickr30k_image_base_url: str,
+            gqa_image_base_url: str | None = None) -> Site:
+    """Build the world and place it at the URLs of ``sources`` (dataset -> role -> metadata URL). GQA is
+    published when ``sources`` has it, its testdev images under ``gqa_image_base_url``."""
+    if "gqa" in sources and not gqa_image_base_url:
+        raise WorldError("download.datasets.gqa.image_base_url: required, the world publishes GQA's testdev "
+                         "images there")
+    world = build_world(cfg, flickr30k_image_base_url, gqa_image_base_url if "gqa" in sources else None)
     truth = compute_truth(world)
     by_url = place_metadata(world.metadata, sources)
     for imgs in world.images.values():

@@ -21,6 +21,8 @@ from worldgen.records import World, WorldImage
 
 PRETRAIN = ("coco", "vg", "cc", "sbu")
 IMAGE_DATASETS = ("coco", "vg", "cc", "sbu", "flickr30k", "nlvr2")
+# GQA's evaluation splits (the default dedup.gqa_splits); "gqa" (testdev) images exist only with GQA.
+GQA_BLOCKED_SPLITS = ("val", "testdev")
 # Mirror fault -> the download error type it must produce; flaky_500 succeeds on retry instead.
 FAULT_ERRORS = {
     "not_found": "http_404",
@@ -65,6 +67,8 @@ def flickr_photo_id(url: str | None) -> int | None:
 def compute_truth(world: World) -> dict:
     images = world.images
     meta = world.metadata
+    datasets = IMAGE_DATASETS + (("gqa",) if "gqa" in images else ())
+    blocked_vg, gqa_eval = _gqa_blocked(world)
     blocked_coco: dict[int, str] = {}
     for rec in json.loads(meta[("coco", "karpathy")])["images"]:
         if rec["split"] in ("val", "test"):
@@ -72,6 +76,9 @@ def compute_truth(world: World) -> dict:
     for ref in pickle.loads(meta[("refcoco", "refs")]):
         if ref["split"] != "train":
             blocked_coco[ref["image_id"]] = f"coco:{ref['image_id']}"
+    for img in gqa_eval:  # a GQA evaluation image that is also a COCO image blocks that COCO copy too
+        if img.coco_id is not None:
+            blocked_coco.setdefault(img.coco_id, img.key)
     coco_by_id = {img.coco_id: img for img in images["coco"]}
     nlvr2_by_url = {img.url: img for img in images["nlvr2"]}
     nlvr2_eval = [
@@ -81,13 +88,16 @@ def compute_truth(world: World) -> dict:
         for side in ("left_url", "right_url")
     ]
     eval_images: list[WorldImage] = (
-        [coco_by_id[c] for c in sorted(blocked_coco)] + images["flickr30k"] + nlvr2_eval
+        [coco_by_id[c] for c in sorted(blocked_coco)] + images["flickr30k"] + nlvr2_eval + gqa_eval
     )
 
     blocked_flickr: dict[int, str] = {}
     for split in ENTITIES_SPLITS:
         for pid in meta[("flickr30k", f"entities_{split}")].decode().split():
             blocked_flickr[int(pid)] = f"flickr30k:{pid}"
+    for img in gqa_eval:
+        if img.flickr_id is not None:
+            blocked_flickr.setdefault(img.flickr_id, img.key)
     for cid in sorted(blocked_coco):
         pid = flickr_photo_id(coco_by_id[cid].flickr_url)
         if pid is not None:
@@ -100,7 +110,7 @@ def compute_truth(world: World) -> dict:
         for img in images[dataset]:
             if img.fault in FAULT_ERRORS:  # failed downloads never reach dedup
                 continue
-            match = _first_match(img, blocked_coco, blocked_flickr, blocked_urls, blocked_hashes)
+            match = _first_match(img, blocked_vg, blocked_coco, blocked_flickr, blocked_urls, blocked_hashes)
             if match:
                 reason, eval_key = match
                 overlaps.append(
@@ -112,19 +122,19 @@ def compute_truth(world: World) -> dict:
                         "eval_key": eval_key,
                     }
                 )
-                _check_expected(img, reason, eval_key, blocked_coco)
+                _check_expected(img, reason, eval_key, blocked_vg, blocked_coco)
             elif img.planted:
                 raise RuntimeError(f"world: planted {img.planted} image {img.key} matches no blocklist entry")
 
     removed = {ds: dict(Counter(o["reason"] for o in overlaps if o["dataset"] == ds)) for ds in PRETRAIN}
     failures = {
         ds: dict(Counter(FAULT_ERRORS[i.fault] for i in images[ds] if i.fault in FAULT_ERRORS))
-        for ds in IMAGE_DATASETS
+        for ds in datasets
     }
-    retried = {ds: sum(1 for i in images[ds] if i.fault == "flaky_500") for ds in IMAGE_DATASETS}
-    planted = Counter(i.planted for ds in IMAGE_DATASETS for i in images[ds] if i.planted)
+    retried = {ds: sum(1 for i in images[ds] if i.fault == "flaky_500") for ds in datasets}
+    planted = Counter(i.planted for ds in datasets for i in images[ds] if i.planted)
     return {
-        "images": {ds: len(images[ds]) for ds in IMAGE_DATASETS},
+        "images": {ds: len(images[ds]) for ds in datasets},
         "expected_failures": failures,
         "expected_retried": retried,
         "overlaps": overlaps,
@@ -133,7 +143,21 @@ def compute_truth(world: World) -> dict:
     }
 
 
-def _first_match(img: WorldImage, blocked_coco, blocked_flickr, blocked_urls, blocked_hashes):
+def _gqa_blocked(world: World) -> tuple[dict[int, str], list[WorldImage]]:
+    """(VG id -> key of the GQA evaluation images that are VG images, every GQA evaluation image), read from
+    the published questions of GQA_BLOCKED_SPLITS; empty in a world without GQA."""
+    if ("gqa", "questions_val") not in world.metadata:
+        return {}, []
+    ids = {q["imageId"] for split in GQA_BLOCKED_SPLITS
+           for q in json.loads(world.metadata[("gqa", f"questions_{split}")]).values()}
+    vg = [img for img in world.images["vg"] if img.key.split(":")[1] in ids]
+    testdev = [img for img in world.images.get("gqa", []) if img.key.split(":")[1] in ids]
+    return {int(img.key.split(":")[1]): img.key for img in vg}, vg + testdev
+
+
+def _first_match(img: WorldImage, blocked_vg, blocked_coco, blocked_flickr, blocked_urls, blocked_hashes):
+    if img.dataset == "vg" and int(img.key.split(":")[1]) in blocked_vg:
+        return "vg_id", img.key
     if img.coco_id in blocked_coco:
         return "coco_id", blocked_coco[img.coco_id]
     for pid in (flickr_photo_id(img.url), flickr_photo_id(img.flickr_url), img.flickr_id):
@@ -147,12 +171,16 @@ def _first_match(img: WorldImage, blocked_coco, blocked_flickr, blocked_urls, bl
     return None
 
 
-def _check_expected(img: WorldImage, reason: str, eval_key: str, blocked_coco: dict[int, str]) -> None:
-    """Planted images match as planted; the only unplanted removals are the blocked COCO images themselves."""
+def _check_expected(img: WorldImage, reason: str, eval_key: str, blocked_vg: dict[int, str],
+                    blocked_coco: dict[int, str]) -> None:
+    """Planted images match as planted; the only unplanted removals are the blocked COCO images themselves,
+    the VG images of GQA's evaluation splits and the COCO copies of those."""
     if img.planted:
         expected = (PLANTED_REASON[img.planted], img.eval_key)
+    elif img.dataset == "vg" and int(img.key.split(":")[1]) in blocked_vg:
+        expected = ("vg_id", img.key)
     elif img.dataset == "coco" and img.coco_id in blocked_coco:
-        expected = ("coco_id", img.key)
+        expected = ("coco_id", blocked_coco[img.coco_id])
     else:
         expected = None
     if (reason, eval_key) != expected:

@@ -11,6 +11,7 @@ EntitiesSplit = Literal["train", "val", "test"]
 KarpathySplit = Literal["train", "restval", "val", "test"]
 RefcocoSplit = Literal["train", "val", "test", "testA", "testB", "testC"]
 Nlvr2Split = Literal["train", "dev", "test1", "test2"]
+GqaSplit = Literal["train", "val", "testdev", "test", "challenge", "submission"]
 
 
 class DedupReasons(BaseModel):
@@ -19,6 +20,7 @@ class DedupReasons(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     coco_id: bool = True
+    vg_id: bool = True  # VG images of GQA's evaluation splits (in play only when GQA is downloaded)
     flickr_id: bool = True
     url: bool = True
     content_hash: bool = True
@@ -36,4 +38,8 @@ class DedupConfig(BaseModel):
     refcoco_splits: list[RefcocoSplit] = ["val", "testA", "testB"]
     # NLVR2 image splits (split of nlvr2 IMAGES rows).
     nlvr2_splits: list[Nlvr2Split] = ["dev", "test1"]
+    # GQA question splits (tables/task_gqa.parquet) whose images are blocked: their Visual Genome images by VG
+    # id (and the COCO / Flickr photos, URLs and bytes of those), testdev's own images by URL and bytes. Only
+    # in play when the download holds GQA (configs/gqa.yaml).
+    gqa_splits: list[GqaSplit] = ["val", "testdev"]
     reasons: DedupReasons = Field(default_factory=DedupReasons)

@@ -10,8 +10,10 @@ import string
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-# Match reasons in precedence order: an image matching several is reported under the first.
-REASONS = ("coco_id", "flickr_id", "url", "content_hash")
+# Match reasons in precedence order: an image matching several is reported under the first. vg_id (an image's
+# own Visual Genome id, blocked by GQA's evaluation splits) comes first, as a blocked COCO image is removed by
+# its own coco_id; it is in play only when GQA was downloaded (dedup's report lists it only then).
+REASONS = ("vg_id", "coco_id", "flickr_id", "url", "content_hash")
 
 # Static image hosts: farmN.staticflickr.com, live.staticflickr.com, c1.staticflickr.com,
 # static.flickr.com, farmN.static.flickr.com, ...
@@ -117,9 +119,13 @@ def image_keys(row: dict[str, Any]) -> dict[str, set]:
         photo_id = flickr_photo_id(row.get(field))
         if photo_id is not None:
             flickr_ids.add(photo_id)
+    vg_ids = {row["vg_id"]} if row.get("vg_id") is not None else set()
+    if prefix == "vg":
+        vg_ids.add(key_id(key))
     url = row.get("url")
     sha256 = row.get("sha256")
     return {
+        "vg_id": vg_ids,
         "coco_id": coco_ids,
         "flickr_id": flickr_ids,
         "url": {normalize_url(url)} if url else set(),

@@ -136,10 +136,16 @@ def _ordered(corpora: list[str]) -> list[str]:
     return [c for c in known if c in corpora] + sorted(c for c in corpora if c not in known)
 
 
+def reasons_in_play(blocklist: Blocklist) -> list[str]:
+    """The match reasons a report lists: vg_id only when GQA's evaluation images put VG ids in the blocklist
+    (a run without GQA reports exactly as before GQA existed)."""
+    return [r for r in REASONS if r != "vg_id" or blocklist.vg_ids]
+
+
 def _report(corpora: list[str], image_filter: _ImageFilter, blocklist: Blocklist) -> dict:
     filtered = [c for c in corpora if c in PRETRAIN_CORPORA]
     return {
-        "removed": {c: {r: image_filter.removed[c][r] for r in REASONS} for c in filtered},
+        "removed": {c: {r: image_filter.removed[c][r] for r in reasons_in_play(blocklist)} for c in filtered},
         "kept": {c: image_filter.kept[c] for c in corpora},
         "failed_dropped": {c: image_filter.failed[c] for c in corpora},
         "blocklist": blocklist.counts(),
@@ -147,16 +153,19 @@ def _report(corpora: list[str], image_filter: _ImageFilter, blocklist: Blocklist
 
 
 def _report_markdown(report: dict) -> str:
-    header = ["dataset", "kept", "failed dropped", *REASONS, "removed"]
+    sizes = report["blocklist"]
+    reasons = [r for r in REASONS if r != "vg_id" or "vg_ids" in sizes]
+    header = ["dataset", "kept", "failed dropped", *reasons, "removed"]
     lines = ["# Dedup report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for corpus, kept in report["kept"].items():
         removed = report["removed"].get(corpus)
         # Downstream sets are not filtered: "-" rather than a misleading 0.
-        counts = [str(removed[r]) for r in REASONS] + [str(sum(removed.values()))] if removed else ["-"] * 5
+        counts = ([str(removed[r]) for r in reasons] + [str(sum(removed.values()))] if removed
+                  else ["-"] * (len(reasons) + 1))
         row = [corpus, str(kept), str(report["failed_dropped"][corpus]), *counts]
         lines.append("| " + " | ".join(row) + " |")
-    sizes = report["blocklist"]
-    lines += ["", f"Blocklist: {sizes['coco_ids']} COCO ids, {sizes['flickr_ids']} Flickr photo ids, "
+    vg = f"{sizes['vg_ids']} Visual Genome ids (GQA), " if "vg_ids" in sizes else ""
+    lines += ["", f"Blocklist: {vg}{sizes['coco_ids']} COCO ids, {sizes['flickr_ids']} Flickr photo ids, "
                   f"{sizes['urls']} URLs, {sizes['hashes']} content hashes."]
     return "\n".join(lines) + "\n"
 
@@ -192,14 +201,16 @@ def run(ctx: StageContext) -> StageResult:
     out.mkdir(parents=True, exist_ok=True)
 
     blocklist = build_blocklist(root, cfg, ctx.log)
-    reasons = [r for r in REASONS if getattr(cfg.reasons, r)]
+    reasons = [r for r in reasons_in_play(blocklist) if getattr(cfg.reasons, r)]
+    # GQA's split setting counts (and is a parameter) only when the download holds GQA.
+    split_fields = SPLIT_FIELDS + (("gqa_splits",) if DownloadOutput(root).task_table("gqa").exists() else ())
     image_filter = _ImageFilter(blocklist, reasons)
     corpora = _ordered(image_corpora(root))
     for corpus in corpora:
         for src in image_shards(root, corpus):
             _filter_shard(src, out / src.relative_to(root), corpus, image_filter)
     _carry_over(root, out, image_filter.dropped_keys)
-    configured = [f"dedup.{name}" for name in SPLIT_FIELDS if getattr(cfg, name)]
+    configured = [f"dedup.{name}" for name in split_fields if getattr(cfg, name)]
     if configured and not any(blocklist.counts().values()):
         # Evaluation images would enter pretraining unnoticed: an incomplete download output looks so.
         raise StageError(f"{root}: empty blocklist although {', '.join(configured)} name evaluation splits: "
@@ -214,7 +225,7 @@ def run(ctx: StageContext) -> StageResult:
     ctx.log.info("dedup: removed %d pretraining images, kept %d images (%s)", metrics["removed.total"],
                  metrics["kept.total"], ", ".join(f"{k}={v}" for k, v in blocklist.counts().items()))
     params = {"reasons": ",".join(reasons)}
-    params.update({field: ",".join(getattr(cfg, field)) for field in SPLIT_FIELDS})
+    params.update({field: ",".join(getattr(cfg, field)) for field in split_fields})
     reports = (layout.report_file, layout.report_markdown, layout.removed_file)
     artifacts = [str(p.relative_to(out)) for p in reports]
     return StageResult(metrics=metrics, params=params, artifacts=artifacts)

@@ -70,7 +70,7 @@ class RetrievalEvalConfig(BaseModel):
 
 def _default_splits() -> dict[str, list[str]]:
     return {"retrieval": ["test"], "vqa": ["val2014"], "nlvr2": ["dev", "test1"], "snli_ve": ["dev", "test"],
-            "refcoco": ["val", "testA", "testB"]}
+            "refcoco": ["val", "testA", "testB"], "gqa": ["val", "testdev"]}
 
 
 class EvalConfig(BaseModel):

@@ -5,11 +5,13 @@ writes ``metrics.json`` = ``{variant: {section: {metric: value}}}`` plus each va
 are splits; RefCOCO puts the detected-region accuracy (``refcoco_acc``) and the ground-truth-region accuracy
 (``refcoco_gt_acc``, on the gt_features stage's regions at the COCO instance boxes) side by side. A VQA test
 split (test-dev2015 / test2015: no answers) gets no metrics but the evaluation server's results file
-(``EvalOutput.vqa_results_path``). Retrieval
-adds the zero-shot model (the pretrained encoder with its ITM head), scores each test split in every
-``eval.retrieval.modes`` (sections ``test/full``, ``test/shortlist``, ``test/itc_shortlist`` for a zero-shot
-model with the itc head: recall@1/5/10, Meta-Sum, seconds, pairs scored), measures ISDa on Flickr30k
-Entities (section ``isda``) and draws
+(``EvalOutput.vqa_results_path``). GQA adds its official metrics over the whole split (``vlp.eval.gqa``:
+validity / plausibility where the split has scene graphs), the server's submission file of its server tiers
+(testdev) and ``figures/attention_gqa_<split>.png``. Retrieval adds the zero-shot model (the pretrained
+encoder with its ITM head), scores each test split in every ``eval.retrieval.modes`` (sections
+``test/full``, ``test/shortlist``, ``test/itc_shortlist`` for a zero-shot model with the itc head:
+recall@1/5/10, Meta-Sum, seconds, pairs scored), measures ISDa on Flickr30k Entities (section ``isda``) and
+draws
 ``figures/recall_<dataset>_<split>.png`` and ``figures/attention_<dataset>_<split>.png`` (one row of pairs
 per model). The MLflow metrics are ``<variant>/<section>/<metric>``.
 """
@@ -39,8 +41,8 @@ from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput, find_dbs, max_txt_len
 from vlp.data.img_db import ImgDb
 from vlp.data.tokenizer import load_tokenizer
-from vlp.tasks import TASKS
-from vlp.tasks.common import TaskDataError
+from vlp.tasks import TASKS, gqa
+from vlp.tasks.common import TaskDataError, read_task_table
 from vlp.tasks.laviter import damsm_heads
 from vlp.tasks.retrieval import ITM_HEAD, PairScorer, Retrieval
 from vlp.tasks.splits import retrieval_split, task_image_sizes, task_split
@@ -93,7 +95,10 @@ def eval_task(s: Setup, task: str) -> tuple[Metrics, list[str]]:
             data[split, suffix] = task_split(task, tables, s.img_db, s.pre.tokenizer_dir, split, options,
                                              skip=s.runtime.skip_missing_images, setting=SKIP_SETTING,
                                              log=ctx.log, **extra, **gt)
+    choices = _gqa_choices(tables, data) if task == "gqa" else {}
     metrics: Metrics = {}
+    figure_split = next((split for split, _ in data if split in choices), None) if task == "gqa" else None
+    maps: dict[str, list[dict[str, Any]]] = {}
     for variant in s.variants:
         name = variant["name"]
         model = s.finetuned.load_variant(name)
@@ -113,12 +118,46 @@ def eval_task(s: Setup, task: str) -> tuple[Metrics, list[str]]:
             if task == "vqa" and not split_data.answered:  # a test split: submit to the evaluation server
                 results = [{"question_id": p["question_id"], "answer": p["answer"]} for p in predictions]
                 write_json(s.out.vqa_results_path(name, split), results)
+            if task == "gqa":  # the official metrics need the whole split; testdev also goes to the server
+                values = values | gqa.split_metrics(split_data, predictions, choices.get(split, {}))
+                sections[split].update(values)
+                if split in GQA_SUBMISSION_SPLITS:
+                    write_json(s.out.gqa_submission_path(name, split), gqa.submission(predictions))
             ctx.log.info("eval_%s: %s %s%s: %s", task, name, split, suffix,
                          ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
         metrics[name] = sections
+        if figure_split is not None:  # the question words' attention over the regions, per model
+            maps[name] = gqa.attention_maps(encoder, data[figure_split, ""], GQA_FIGURE_QUESTIONS,
+                                            load_tokenizer(s.pre.tokenizer_dir), s.device)
     if "_gt" in stores:
         stores["_gt"].close()
-    return metrics, []
+    artifacts = []
+    if any(maps.values()):
+        path = figures.attention_maps({k: v for k, v in maps.items() if v},
+                                      s.out.figures_dir / f"attention_gqa_{figure_split}.png",
+                                      f"gqa {figure_split}: last-layer question-to-region attention")
+        artifacts.append(str(path.relative_to(s.out.root)))
+    return metrics, artifacts
+
+
+# GQA's evaluation-server tiers: their predictions are also written in the server's submission format.
+GQA_SUBMISSION_SPLITS = ("testdev", "test", "challenge", "submission")
+# Questions with pointers drawn as attention maps (of the first evaluated split with scene graphs).
+GQA_FIGURE_QUESTIONS = 4
+
+
+def _gqa_choices(tables, data: dict[tuple[str, str], Any]) -> dict[str, dict]:
+    """Per evaluated GQA split with published scene graphs, its questions' validity / plausibility choices
+    (``vlp.eval.gqa``: from the scene graphs of the whole dataset and every question's attribute values);
+    none for a split without scene graphs (testdev), as GQA's own evaluation."""
+    scene_path = tables / "task_gqa_objects.parquet"
+    if not scene_path.exists():
+        return {}
+    scene_rows = read_task_table(tables, "gqa_objects")[1]
+    reference = read_task_table(tables, "gqa")[1]
+    with_graphs = {r["split"] for r in scene_rows}
+    return {split: gqa.choices_for(split_data, scene_rows, reference)
+            for (split, _), split_data in data.items() if split in with_graphs}
 
 
 def _retrieval_models(s: Setup, dataset: str):

@@ -18,6 +18,8 @@ MAIN_METRICS = {
     "nlvr2": ("nlvr2_acc",),
     "snli_ve": ("snli_ve_acc",),
     "refcoco": ("refcoco_acc", "refcoco_gt_acc"),
+    # GQA's official metrics (distribution, lower is better and not a fraction, stays in metrics.json)
+    "gqa": ("gqa_accuracy", "gqa_consistency", "gqa_binary", "gqa_open", "gqa_validity", "gqa_plausibility"),
 }
 COLUMNS = ("zero_shot", "pretrained", "scratch", "pretrained_no_iais")
 HEADERS = {"zero_shot": "zero-shot", "pretrained": "pretrained", "scratch": "scratch",

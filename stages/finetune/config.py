@@ -12,14 +12,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlp.objectives.iais import Anchor
-from vlp.tasks import TASK_NAMES
+from vlp.tasks import DEFAULT_TASKS
 from vlp.tasks.common import TaskOptions
+from vlp.tasks.gqa import GQAOptions
 from vlp.tasks.nlvr2 import NLVR2Options
 from vlp.tasks.refexp import RefExpOptions
 from vlp.tasks.vqa import VQAOptions
 from vlp.train.optim import OptimConfig
 
-TaskName = Literal["retrieval", "vqa", "nlvr2", "snli_ve", "refcoco"]
+TaskName = Literal["retrieval", "vqa", "nlvr2", "snli_ve", "refcoco", "gqa"]
 Init = Literal["pretrained", "scratch"]
 
 
@@ -177,16 +178,24 @@ class RefcocoConfig(HeadTaskConfig):
     val_split: str = "val"
 
 
+# GQA (configs/gqa.yaml): the balanced train questions, validated on val; eval scores val and testdev.
+class GqaConfig(HeadTaskConfig):
+    options: GQAOptions = Field(default_factory=GQAOptions)
+    train_split: str = "train"
+    val_split: str = "val"
+
+
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[TaskName] = list(TASK_NAMES)
+    tasks: list[TaskName] = list(DEFAULT_TASKS)
     common: CommonConfig = Field(default_factory=CommonConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     vqa: VqaConfig = Field(default_factory=VqaConfig)
     nlvr2: Nlvr2Config = Field(default_factory=Nlvr2Config)
     snli_ve: SnliVeConfig = Field(default_factory=SnliVeConfig)
     refcoco: RefcocoConfig = Field(default_factory=RefcocoConfig)
+    gqa: GqaConfig = Field(default_factory=GqaConfig)
 
     @model_validator(mode="after")
     def _distinct(self) -> FinetuneConfig:

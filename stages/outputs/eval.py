@@ -8,6 +8,8 @@
     <variant>/vqa_OpenEnded_mscoco_<split>_<variant>_results.json
                                           VQA test splits (no answers): the evaluation server's results
                                           file, ``[{"question_id": int, "answer": str}]``
+    <variant>/gqa_<split>_submission.json GQA server tiers (testdev, test, challenge, submission): the
+                                          server's file, ``[{"questionId": str, "prediction": str}]``
     figures/*.png                         retrieval: recall@K curves and text-to-image attention maps
 """
 
@@ -48,6 +50,10 @@ class EvalOutput(StageOutput):
     def vqa_results_path(self, variant: str, split: str) -> Path:
         """The VQA server's file name, ``vqa_[task type]_[dataset]_[subset]_[method]_results.json``."""
         return self.root / variant / f"vqa_OpenEnded_mscoco_{split}_{variant.replace('/', '-')}_results.json"
+
+    def gqa_submission_path(self, variant: str, split: str) -> Path:
+        """GQA's submission file of a split (the server's format; the name is ours, the server takes any)."""
+        return self.root / variant / f"gqa_{split}_submission.json"
 
     def write_metrics(self, metrics: Metrics) -> None:
         write_json(self.metrics_path, metrics)

@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
+from stages.outputs.alignment import AlignmentOutput
 from stages.outputs.features import FeaturesOutput
 from stages.outputs.txt_db import TxtDbOutput
 from stages.pretrain.config import PretrainConfig
+from vlp.data.alignment import AlignmentDataset
 from vlp.data.img_db import ImgDb
 from vlp.data.pretrain_dataset import PretrainDataset
 from vlp.data.txt_db import TxtDb
@@ -33,6 +35,7 @@ class PretrainSetupError(ValueError):
 class PretrainInputs:
     txtdb: TxtDbOutput
     features: FeaturesOutput
+    alignment: AlignmentOutput | None = None  # with the owa task: the alignment stage's annotations
 
 
 def open_txt_dbs(txtdb: TxtDbOutput, names: Sequence[str], setting: str) -> list[TxtDb]:
@@ -80,6 +83,10 @@ class Corpus:
     # datasets' mix weights.
     parts: dict[str, PretrainDataset] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    # Object-word alignment (task owa): the annotated sentences to train on and to validate on (those of the
+    # images validation holds out).
+    alignment: PretrainDataset | None = None
+    alignment_val: PretrainDataset | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -102,17 +109,30 @@ class Stream:
     ratio: float
 
 
+# Tasks whose examples are their own data, not the caption corpus: one stream each, at the task's ratio.
+OWN_DATA_TASKS = ("owa",)
+
+
 def streams(tasks: dict[str, float], weights: dict[str, float]) -> list[Stream]:
     """One stream per (task, dataset), ratio tasks[task] x weights[dataset] (UNITER's per-dataset mix_ratio,
-    ``MetaLoader``); with one corpus the streams are the tasks with their ratios."""
-    return [Stream(task if dataset == ONE_CORPUS else f"{task}/{dataset}", task, dataset, ratio * weight)
-            for task, ratio in sorted(tasks.items()) for dataset, weight in sorted(weights.items())]
+    ``MetaLoader``); with one corpus the streams are the tasks with their ratios. A task with its own data
+    (``owa``: the alignment annotations) is one stream at its ratio."""
+    out = []
+    for task, ratio in sorted(tasks.items()):
+        if task in OWN_DATA_TASKS:
+            out.append(Stream(task, task, ONE_CORPUS, ratio))
+            continue
+        out += [Stream(task if dataset == ONE_CORPUS else f"{task}/{dataset}", task, dataset, ratio * weight)
+                for dataset, weight in sorted(weights.items())]
+    return out
 
 
 def stream_examples(stream: Stream, corpus: Corpus, cfg: PretrainConfig, seed: int
                     ) -> tuple[Dataset, np.ndarray, Callable[[int], np.ndarray] | None]:
     """(examples, region-count bound, per-epoch region counts or None) of a stream's batches: the dataset's
     captions, for ITM with corpus negatives paired anew every epoch (``vlp.train.prepared.ItmPairs``)."""
+    if stream.task == "owa":
+        return corpus.alignment, corpus.alignment.img_lens, None
     part = corpus.parts[stream.dataset]
     if stream.task == "itm" and cfg.itm_negatives == "corpus":
         pairs = ItmPairs(part, cfg.itm_neg_prob, seed_of(seed, "itm_negatives", stream.name))
@@ -163,6 +183,7 @@ def build_corpus(cfg: PretrainConfig, seed: int, inputs: PretrainInputs) -> Corp
     if not keep.all():
         notes.append(f"train: {int((~keep).sum())} captions of validation or retrieval images left out")
         train = train.select(np.flatnonzero(keep))
+    validation_images = set(evaluated)
     if vcfg.holdout_images:
         if vcfg.holdout_images >= len(set(train.img_keys)):
             raise PretrainSetupError(f"pretrain.validation.holdout_images={vcfg.holdout_images} leaves no "
@@ -171,6 +192,7 @@ def build_corpus(cfg: PretrainConfig, seed: int, inputs: PretrainInputs) -> Corp
         train, held = train.split_by_image(vcfg.holdout_images, seed=seed)
         notes.append(f"validation: {len(held)} captions of {vcfg.holdout_images} training images held out")
         parts.insert(0, held)
+        validation_images |= set(held.img_keys)
     if len(train) == 0:
         raise PretrainSetupError(f"pretrain.train_dbs: no caption of {cfg.db_names()} has an image in "
                                  f"{img_db.path} outside validation")
@@ -191,4 +213,34 @@ def build_corpus(cfg: PretrainConfig, seed: int, inputs: PretrainInputs) -> Corp
     if parts:
         val = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         val_lens = (np.concatenate([p.txt_lens for p in parts]), np.concatenate([p.img_lens for p in parts]))
-    return Corpus(train, val, val_lens, retrieval, train.meta, img_dim, label_dim, notes, datasets, weights)
+    corpus = Corpus(train, val, val_lens, retrieval, train.meta, img_dim, label_dim, notes, datasets, weights)
+    if "owa" in cfg.tasks:
+        corpus.alignment, corpus.alignment_val = alignment_data(inputs, img_db, train, validation_images,
+                                                                seed, notes)
+    return corpus
+
+
+def alignment_data(inputs: PretrainInputs, img_db: ImgDb, train: PretrainDataset, validation_images: set[str],
+                   seed: int, notes: list[str]) -> tuple[PretrainDataset, PretrainDataset | None]:
+    """(train, validation) sentences of the alignment annotations: validation has those of the images the
+    caption validation holds out (none there: 5% of the annotated images, drawn by ``seed``)."""
+    if inputs.alignment is None:
+        raise PretrainSetupError("pretrain.tasks: task 'owa' needs the alignment stage's annotations (input "
+                                 "'alignment')")
+    data = AlignmentDataset([TxtDb(inputs.alignment.db_path)], img_db)
+    _same_tokenizer(data, train, "tasks.owa (the alignment stage's text db)")
+    notes += [f"alignment: {line}" for line in data.drop_summary()]
+    if len(data) == 0:
+        raise PretrainSetupError(f"{inputs.alignment.db_path}: no annotated sentence has its image in "
+                                 f"{img_db.path}")
+    held = np.isin(np.asarray(data.img_keys, dtype=object),
+                   np.asarray(sorted(validation_images), dtype=object))
+    if held.any() and not held.all():
+        fit, val = data.select(np.flatnonzero(~held)), data.select(np.flatnonzero(held))
+    elif len(set(data.img_keys)) > 1:
+        fit, val = data.split_by_image(0.05 if len(set(data.img_keys)) >= 20 else 1, seed=seed)
+    else:
+        fit, val = data, None
+    notes.append(f"alignment: {len(fit)} annotated sentences to train on, {0 if val is None else len(val)} "
+                 "held out for validation")
+    return fit, val

@@ -36,11 +36,20 @@ import torch
 import torch.distributed as dist
 
 from stages.base import MetricLogger
+from stages.outputs.alignment import AlignmentOutput
 from stages.outputs.features import FeaturesOutput
 from stages.outputs.txt_db import TxtDbOutput
 from stages.pretrain import checkpointing
 from stages.pretrain.config import PretrainConfig
-from stages.pretrain.data import Corpus, PretrainInputs, Stream, build_corpus, stream_examples, streams
+from stages.pretrain.data import (
+    OWN_DATA_TASKS,
+    Corpus,
+    PretrainInputs,
+    Stream,
+    build_corpus,
+    stream_examples,
+    streams,
+)
 from vlp import distributed
 from vlp.data.batching import UnitBatchSampler
 from vlp.data.task_sampler import TaskSampler
@@ -96,6 +105,7 @@ class LoopSpec:
     metrics: MetricLogger = field(default_factory=MetricLogger)  # the stage's run; rank 0 logs into it
     # Called with a StepEvent on every worker and step (fault injection in tests, gradient probes).
     hooks: Sequence[Callable[[StepEvent], None]] = field(default_factory=tuple)
+    alignment_dir: str | None = None  # the alignment stage's output (task owa)
 
 
 def throughput_metrics(windows: dict[str, MetricSums]) -> dict[str, float]:
@@ -172,7 +182,8 @@ def setup(spec: LoopSpec) -> Run:
     if device.type == "cpu":
         torch.set_num_threads(runtime.threads)
     rank, world = distributed.rank(), distributed.world_size()
-    inputs = PretrainInputs(TxtDbOutput(Path(spec.txtdb_dir)), FeaturesOutput(Path(spec.features_dir)))
+    inputs = PretrainInputs(TxtDbOutput(Path(spec.txtdb_dir)), FeaturesOutput(Path(spec.features_dir)),
+                            AlignmentOutput(Path(spec.alignment_dir)) if spec.alignment_dir else None)
     corpus = build_corpus(cfg, spec.seed, inputs)
     options = objective_options(cfg, corpus.meta, corpus.label_dim)
     checkpoint = ray.train.get_checkpoint()
@@ -254,9 +265,14 @@ def validate(run: Run, retrieval: bool) -> dict[str, float]:
     cfg, corpus = run.cfg, run.corpus
     metrics: dict[str, float] = {}
     start = time.perf_counter()
-    if corpus.val is not None:
-        units = cfg.validation.batch_units or cfg.batch_units
-        metrics |= validate_tasks(run.model, list(cfg.tasks), corpus.val, corpus.val_lens, units, run.seed,
+    units = cfg.validation.batch_units or cfg.batch_units
+    caption_tasks = [t for t in cfg.tasks if t not in OWN_DATA_TASKS]
+    if corpus.val is not None and caption_tasks:
+        metrics |= validate_tasks(run.model, caption_tasks, corpus.val, corpus.val_lens, units, run.seed,
+                                  run.pad_id, run.device, run.autocast)
+    if "owa" in cfg.tasks and corpus.alignment_val is not None:  # on the held-out images' annotations
+        held = corpus.alignment_val
+        metrics |= validate_tasks(run.model, ["owa"], held, (held.txt_lens, held.img_lens), units, run.seed,
                                   run.pad_id, run.device, run.autocast)
     if retrieval and run.scorer is not None:
         recalls = zero_shot_retrieval(run.scorer, cfg.validation.retrieval_chunk,

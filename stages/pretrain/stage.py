@@ -17,14 +17,19 @@ from ray.train import CheckpointConfig, ControllerError, FailureConfig, Result, 
 from ray.train.torch import TorchTrainer
 
 from stages.base import MetricLogger, StageContext, StageError, StageResult
+from stages.outputs.alignment import AlignmentOutput
 from stages.outputs.features import FeaturesOutput
 from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput
 from stages.pretrain import checkpointing
 from stages.pretrain.config import PretrainConfig
 from stages.pretrain.data import Corpus, PretrainInputs, build_corpus, stream_examples, streams
+from stages.pretrain.figures import alignment_figure
 from stages.pretrain.loop import LoopSpec, StepEvent, throughput_metrics, train_fn
 from vlp.data.batching import UnitBatchSampler
+from vlp.data.collate import collate
+from vlp.data.tokenizer import load_tokenizer
+from vlp.objectives.owa import alignment_maps
 from vlp.train.metrics import MetricSums
 from vlp.train.pretrain_model import build_model, encoder_config, objective_options
 from vlp.train.runtime import RuntimeConfig
@@ -50,9 +55,12 @@ def preflight(cfg: PretrainConfig, seed: int, inputs: PretrainInputs) -> Corpus:
     for stream in streams(cfg.tasks, corpus.weights):  # every stream's batches, at their largest
         examples, bound, _ = stream_examples(stream, corpus, cfg, seed)
         budgets.append(("batch_units", (examples.txt_lens, bound), cfg.batch_units, cfg.num_workers, True))
+    val_units = cfg.validation.batch_units or cfg.batch_units
     if corpus.val_lens is not None:
-        val_units = cfg.validation.batch_units or cfg.batch_units
         budgets.append(("validation.batch_units", corpus.val_lens, val_units, 1, False))
+    if corpus.alignment_val is not None:
+        held = corpus.alignment_val
+        budgets.append(("validation.batch_units", (held.txt_lens, held.img_lens), val_units, 1, False))
     for setting, (txt_lens, img_lens), units, world, even in budgets:
         try:
             UnitBatchSampler(txt_lens, img_lens, units, world_size=world, even_shards=even).epoch_batches(0)
@@ -85,7 +93,8 @@ def build_trainer(cfg: PretrainConfig, inputs: PretrainInputs, storage: Path, *,
     marker.unlink(missing_ok=True)  # a new attempt gets a fresh chance
     spec = LoopSpec(cfg.model_dump(mode="json"), seed, runtime.model_dump(mode="json"),
                     str(inputs.txtdb.root), str(inputs.features.root), str(marker), metrics,
-                    hooks=tuple(hooks))
+                    hooks=tuple(hooks),
+                    alignment_dir=str(inputs.alignment.root) if inputs.alignment is not None else None)
     resources = {"CPU": runtime.threads} | ({"GPU": 1} if cfg.use_gpu else {})
     return TorchTrainer(
         train_fn,
@@ -153,7 +162,9 @@ def export(cfg: PretrainConfig, corpus: Corpus, checkpoint_dir: Path, tokenizer_
 
 def run(ctx: StageContext) -> StageResult:
     cfg: PretrainConfig = ctx.cfg.pretrain
-    inputs = PretrainInputs(TxtDbOutput(ctx.inputs["txtdb"]), FeaturesOutput(ctx.inputs["features"]))
+    alignment = AlignmentOutput(ctx.inputs["alignment"]) if "alignment" in ctx.inputs else None
+    inputs = PretrainInputs(TxtDbOutput(ctx.inputs["txtdb"]), FeaturesOutput(ctx.inputs["features"]),
+                            alignment)
     out = PretrainOutput(ctx.out_dir)
     corpus = preflight(cfg, ctx.cfg.seed, inputs)
     for note in corpus.notes:
@@ -180,13 +191,39 @@ def run(ctx: StageContext) -> StageResult:
         params |= {"placement": ctx.cfg.ray.placement.pretrain, "attempts": len(attempts),
                    "worker_nodes": ",".join(last)}
         metrics |= {"workers/nodes": float(len(set(last)))}
+    artifacts = [out.metrics_path.name]
+    if "owa" in cfg.tasks and corpus.alignment_val is not None:
+        artifacts.append(str(alignment_figure_of(cfg, corpus, out).relative_to(out.root)))
     images = len(set(corpus.retrieval.img_keys)) if corpus.retrieval is not None else 0
     verdict = alignment_verdict(record["final"], images)
     if verdict["alignment"] == "at_chance":
         ctx.log.warning("pretrain: %s", verdict["detail"])
     return StageResult(metrics=metrics | {"steps": float(record["steps"])}, params=params,
-                       artifacts=[out.metrics_path.name], metric_steps={k: record["steps"] for k in metrics},
-                       tags=verdict)
+                       artifacts=artifacts, metric_steps={k: record["steps"] for k in metrics}, tags=verdict)
+
+
+ALIGNMENT_FIGURE_PAIRS = 4
+
+
+def alignment_figure_of(cfg: PretrainConfig, corpus: Corpus, out: PretrainOutput) -> Path:
+    """figures/alignment_val.png: word -> region maps of the first held-out annotated sentences."""
+    model = out.model()
+    held = corpus.alignment_val
+    first = {}  # the first sentence of each of the first images: pairs of different images
+    for i, key in enumerate(held.img_keys):
+        first.setdefault(key, i)
+    chosen = list(first.values())[:ALIGNMENT_FIGURE_PAIRS]
+    chosen += [i for i in range(len(held)) if i not in chosen][: ALIGNMENT_FIGURE_PAIRS - len(chosen)]
+    examples = [held[i] for i in chosen]
+    batch = collate(examples, pad_id=int(corpus.meta.get("PAD", 0)))
+    tokenizer = load_tokenizer(out.tokenizer_dir)
+    items = []
+    maps_of = alignment_maps(model.encoder, model.objectives["owa"], batch)
+    for example, maps in zip(examples, maps_of, strict=True):
+        ids = example["input_ids"][maps["rows"]].tolist()
+        items.append({**maps, "tokens": tokenizer.convert_ids_to_tokens(ids), "image": example["img_key"]})
+    return alignment_figure(items, out.root / "figures" / "alignment_val.png",
+                            f"object-word alignment after {cfg.steps} steps (held-out sentences)")
 
 
 def alignment_verdict(final: dict[str, float], retrieval_images: int) -> dict[str, str]:

@@ -26,7 +26,8 @@ def run(ctx: StageContext) -> StageResult:
         )
     try:
         urls = {name: source.files for name, source in sources.items()}
-        site = publish(ctx.cfg.world, urls, flickr30k.image_base_url)
+        gqa = sources.get("gqa")
+        site = publish(ctx.cfg.world, urls, flickr30k.image_base_url, gqa.image_base_url if gqa else None)
     except WorldError as err:
         raise StageError(str(err)) from None
     out = WorldOutput(ctx.out_dir)

@@ -44,6 +44,12 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, An
         batch["soft_labels"] = _pad_rows([ex["soft_labels"] for ex in examples], n)
     batch["img_keys"] = [ex["img_key"] for ex in examples]
     batch["txt_ids"] = [ex["txt_id"] for ex in examples]
+    if all("align_targets" in ex for ex in examples):  # object-word alignment: [Lt_i, N_i] rows per token
+        targets = torch.zeros(len(examples), lt, n)
+        for b, ex in enumerate(examples):
+            rows, cols = ex["align_targets"].shape
+            targets[b, :rows, :cols] = ex["align_targets"]
+        batch["align_targets"] = targets
     if all("itm_target" in ex for ex in examples):  # pairs drawn by the data (ITM's corpus negatives)
         batch["itm_targets"] = torch.tensor([int(ex["itm_target"]) for ex in examples], dtype=torch.long)
     return batch

@@ -145,7 +145,7 @@ class PretrainDataset(Dataset):
             raise PretrainDataError(f"{where}: field img_fname {record.get('img_fname')!r} differs from "
                                     f"txt2img.json ({img_key!r})")
         region = self.img_db.get(img_key)
-        return {
+        example = {
             "input_ids": torch.tensor([self.cls_id, *tokens, self.sep_id], dtype=torch.long),
             "img_feat": region.features,
             "img_pos_feat": region.boxes,
@@ -153,11 +153,17 @@ class PretrainDataset(Dataset):
             "img_key": img_key,
             "txt_id": txt_id,
         }
+        return self.extend(example, record, i, img_key)
+
+    def extend(self, example: dict[str, Any], record: Mapping[str, Any], i: int, img_key: str
+               ) -> dict[str, Any]:
+        """What a subclass adds to an example from its record (vlp.data.alignment: the alignment targets)."""
+        return example
 
     def select(self, indices: Sequence[int] | np.ndarray) -> PretrainDataset:
         """A dataset of the given examples (same dbs, no LMDB reads); drop counts stay with the parent."""
         idx = np.asarray(indices, dtype=np.int64)
-        sub = object.__new__(PretrainDataset)
+        sub = object.__new__(type(self))  # a subclass stays itself (its examples)
         sub.__dict__.update(self.__dict__)
         sub._db_index = self._db_index[idx]
         sub.txt_ids = [self.txt_ids[j] for j in idx]

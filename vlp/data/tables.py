@@ -10,7 +10,8 @@ One place for the column names so that every stage agrees on them. Layout of a d
     tables/objects.parquet                  OBJECTS (VG objects + attributes, COCO instances)
     tables/entities.parquet                 ENTITIES (Flickr30k Entities phrase -> boxes)
     tables/splits.parquet                   SPLITS (image-level split lists: Karpathy, Entities ids)
-    tables/task_<name>.parquet              one table per downstream task set (vqa, nlvr2, snli_ve, refcoco)
+    tables/task_<name>.parquet              one table per downstream task set (vqa, nlvr2, snli_ve, refcoco,
+                                            gqa, gqa_objects: GQA's scene graphs)
     metadata/<corpus>/<file>                the raw metadata files as downloaded
 """
 
@@ -20,7 +21,7 @@ import pyarrow as pa
 
 # Corpora whose images are pretraining data (filtered by dedup) vs. downstream image sets.
 PRETRAIN_CORPORA = ("coco", "vg", "cc", "sbu")
-DOWNSTREAM_CORPORA = ("flickr30k", "nlvr2")
+DOWNSTREAM_CORPORA = ("flickr30k", "nlvr2", "gqa")
 
 IMAGES = pa.schema(
     [
@@ -155,4 +156,56 @@ TASK_REFCOCO = pa.schema(
     ]
 )
 
-TASK_TABLES = {"vqa": TASK_VQA, "nlvr2": TASK_NLVR2, "snli_ve": TASK_SNLI_VE, "refcoco": TASK_REFCOCO}
+# GQA balanced questions (one row per question). Ids stay strings as published ("00126851"; testdev images
+# "n161313"); a numeric imageId is a Visual Genome image ("vg:<id>"), "n<digits>" one of GQA's ("gqa:<id>").
+GQA_POINTER = pa.struct(
+    [
+        ("field", pa.string()),  # "question", "answer" or "fullAnswer"
+        ("start", pa.int32()),  # whitespace-token span [start, end) of that text ("4:6" -> 4, 6; "2" -> 2, 3)
+        ("end", pa.int32()),
+        ("object_id", pa.string()),  # the scene-graph object it points at
+    ]
+)
+TASK_GQA = pa.schema(
+    [
+        ("question_id", pa.string()),
+        ("image_id", pa.string()),  # as published: "2354786", "n161313"
+        ("image_key", pa.string()),  # "vg:2354786", "gqa:n161313"
+        ("split", pa.string()),  # "train", "val", "testdev", ...
+        ("question", pa.string()),
+        ("answer", pa.string()),  # null where the file has none (test / challenge)
+        ("full_answer", pa.string()),
+        ("is_balanced", pa.bool_()),
+        ("structural", pa.string()),  # types: verify, query, choose, logical, compare
+        ("semantic_type", pa.string()),  # types.semantic: obj, attr, rel, cat, global
+        ("detailed", pa.string()),
+        ("global_group", pa.string()),  # groups.global (null and "" are different groups)
+        ("local_group", pa.string()),
+        ("entailed", pa.list_(pa.string())),
+        ("equivalent", pa.list_(pa.string())),
+        ("semantic", pa.string()),  # the program, [{operation, dependencies, argument}], as JSON
+        ("pointers", pa.list_(GQA_POINTER)),
+    ]
+)
+
+# GQA scene graphs: one row per object ({train,val}_sceneGraphs.json); boxes x, y, w, h in pixels.
+TASK_GQA_OBJECTS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image_key", pa.string()),
+        ("split", pa.string()),
+        ("width", pa.int32()),  # of the image the graph describes
+        ("height", pa.int32()),
+        ("object_id", pa.string()),
+        ("name", pa.string()),
+        ("attributes", pa.list_(pa.string())),
+        ("relations", pa.list_(pa.struct([("name", pa.string()), ("object", pa.string())]))),
+        ("x", pa.float32()),
+        ("y", pa.float32()),
+        ("w", pa.float32()),
+        ("h", pa.float32()),
+    ]
+)
+
+TASK_TABLES = {"vqa": TASK_VQA, "nlvr2": TASK_NLVR2, "snli_ve": TASK_SNLI_VE, "refcoco": TASK_REFCOCO,
+               "gqa": TASK_GQA, "gqa_objects": TASK_GQA_OBJECTS}

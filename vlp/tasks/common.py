@@ -59,6 +59,16 @@ def validate_options(task: str, options_cls: type[TaskOptions], options: dict[st
 
 def read_task_rows(tables_dir: Path, task: str, split: str) -> tuple[Path, list[dict[str, Any]]]:
     """(table path, rows of ``split``) of ``tables/task_<task>.parquet``, after checking its columns."""
+    path, all_rows = read_task_table(tables_dir, task)
+    rows = [row for row in all_rows if row["split"] == split]
+    if not rows:
+        present = ", ".join(sorted({r["split"] for r in all_rows if r["split"] is not None})) or "none"
+        raise TaskDataError(f"{path}: no rows of split {split!r} (splits present: {present})")
+    return path, rows
+
+
+def read_task_table(tables_dir: Path, task: str) -> tuple[Path, list[dict[str, Any]]]:
+    """(table path, every row) of ``tables/task_<task>.parquet``, after checking its columns."""
     path = Path(tables_dir) / f"task_{task}.parquet"
     try:
         table = pq.read_table(path)
@@ -73,13 +83,7 @@ def read_task_rows(tables_dir: Path, task: str, split: str) -> tuple[Path, list[
         found = table.schema.field(field.name).type
         if not found.equals(field.type):
             raise TaskDataError(f"{path}: column {field.name!r} has type {found}, expected {field.type}")
-    splits = table.column("split").to_pylist()
-    all_rows = table.select(expected.names).to_pylist()
-    rows = [row for row, s in zip(all_rows, splits, strict=True) if s == split]
-    if not rows:
-        present = ", ".join(sorted({s for s in splits if s is not None})) or "none"
-        raise TaskDataError(f"{path}: no rows of split {split!r} (splits present: {present})")
-    return path, rows
+    return path, table.select(expected.names).to_pylist()
 
 
 def require(value: Any, where: str, field: str) -> Any:

@@ -24,6 +24,7 @@ from vlp.objectives.laviter import LAViTeR
 from vlp.objectives.mlm import MLM
 from vlp.objectives.momentum import MomentumTeacher
 from vlp.objectives.mrm import MaskedRegionObjective
+from vlp.objectives.owa import ObjectWordAlignment
 
 
 class ModelConfig(BaseModel):
@@ -137,6 +138,12 @@ class ObjectivesConfig(BaseModel):
     mrc_kl_norm: Literal["region", "element"] = "region"
     damsm: DamsmConfig = Field(default_factory=DamsmConfig)
     laviter: LaviterConfig = Field(default_factory=LaviterConfig)
+    # Object-word alignment (task owa, vlp.objectives.owa; its batches come from the alignment stage): the
+    # top-k of each word's region distribution (the paper: 3), the KL's support (full: over all regions, the
+    # top-k only for prediction; topk: the target restricted to the top-k) and the loss weight (the paper: 1).
+    owa_k: int = Field(3, ge=1)
+    owa_support: Literal["full", "topk"] = "full"
+    owa_weight: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
     def _known_tasks(self) -> ObjectivesConfig:
@@ -231,6 +238,7 @@ def objective_options(cfg: ObjectivesConfig, meta: Mapping[str, Any], label_dim:
         "vta": {"embed_dim": cfg.damsm.dim, "gamma1": cfg.damsm.gammas[0], "gamma2": cfg.damsm.gammas[1],
                 "gamma3": cfg.damsm.gammas[2], "cls_sep": cfg.damsm.cls_sep},
         "laviter": laviter_options(cfg, meta),
+        "owa": {"k": cfg.owa_k, "support": cfg.owa_support},
     }
     return {task: by_task[task] for task in sorted(cfg.tasks)}
 
@@ -267,7 +275,7 @@ def build_model(ucfg: UniterConfig, options: Mapping[str, dict],
 def loss_weights(cfg: ObjectivesConfig) -> dict[str, float]:
     """Weight of each ``*_loss`` an objective returns (1 unless listed)."""
     weights = {"wra_loss": cfg.wra_weight, "codebook_ot_loss": cfg.codebook_weight,
-               "codebook_pred_loss": cfg.codebook_weight}
+               "codebook_pred_loss": cfg.codebook_weight, "owa_loss": cfg.owa_weight}
     if "laviter" in cfg.tasks:
         weights |= laviter_lib.loss_weights(cfg.laviter.lambdas, cfg.laviter.feature_matching)
     return weights
@@ -285,4 +293,6 @@ def target_count(objective: nn.Module, batch: dict) -> int:
         return int(batch["img_masked"].sum())
     if isinstance(objective, ITM | ITC | ITCIntra | Codebook | VTA | LAViTeR):
         return len(batch["img_keys"])
+    if isinstance(objective, ObjectWordAlignment):
+        return int((batch["align_targets"].sum(dim=-1) > 0).sum())
     raise TypeError(f"no target count for objective {type(objective).__name__}")

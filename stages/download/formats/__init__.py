@@ -15,6 +15,7 @@ from stages.download.formats.base import FormatError, ImageRef, Parsed, dataset_
 from stages.download.formats.coco import parse_coco
 from stages.download.formats.conceptual_captions import parse_cc
 from stages.download.formats.flickr30k import parse_flickr30k
+from stages.download.formats.gqa import parse_gqa
 from stages.download.formats.nlvr2 import parse_nlvr2
 from stages.download.formats.refcoco import parse_refcoco
 from stages.download.formats.sbu import parse_sbu
@@ -34,6 +35,7 @@ PARSERS: dict[str, Callable[[dict[str, Path], DatasetSource], Parsed]] = {
     "vqa": parse_vqa,
     "snli_ve": parse_snli_ve,
     "refcoco": parse_refcoco,
+    "gqa": parse_gqa,
 }
 
 

@@ -134,6 +134,12 @@ class Record:
     def get_str(self, name: str, *, optional: bool = False, nullable: bool = False) -> str | None:
         return self._get(name, (str,), "a string", optional, nullable)
 
+    def get_bool(self, name: str, *, optional: bool = False) -> bool | None:
+        return self._get(name, (bool,), "a boolean", optional, False)
+
+    def get_dict(self, name: str, *, optional: bool = False, nullable: bool = False) -> dict | None:
+        return self._get(name, (dict,), "an object", optional, nullable)
+
     def get_choice(self, name: str, choices: tuple[str, ...]) -> str:
         value = self.get_str(name)
         if value not in choices:
