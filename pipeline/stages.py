@@ -24,7 +24,7 @@ from stages.outputs.finetune import FinetuneIndexOutput, FinetuneOutput
 from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput
 from stages.outputs.world import WorldOutput
-from vlp.tasks import TASK_NAMES
+from vlp.tasks.registry import TASK_NAMES
 
 
 @dataclass(frozen=True)

@@ -220,11 +220,12 @@ def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_run(ray_cluster, tmp
                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
         stats_dir = killed / "stats" / "cc"
-        deadline = time.monotonic() + 60
+        # The child starts its own local Ray first: on a loaded machine that alone took over a minute.
+        deadline = time.monotonic() + 240
         try:
             while len(list(stats_dir.glob("shard-*.json"))) < 2:
                 assert child.poll() is None, "the stage finished before it could be killed"
-                assert time.monotonic() < deadline, "no shard committed within 60 s"
+                assert time.monotonic() < deadline, "no shard committed within 240 s"
                 time.sleep(0.05)
         finally:
             kill_session(child.pid)

@@ -38,7 +38,7 @@ from vlp.data.img_db import ImgDbWriter
 from vlp.data.tokenizer import encode, save_tokenizer, tokenizer_meta, train_wordpiece
 from vlp.data.txt_db import TxtDb, TxtDbWriter
 from vlp.model import UniterConfig, UniterModel
-from vlp.tasks import TASK_NAMES
+from vlp.tasks.registry import TASK_NAMES
 from vlp.train.pretrain_model import build_model
 from vlp.train.runtime import RuntimeConfig
 

@@ -17,11 +17,11 @@ from vlp.data.img_db import ImgDb, ImgDbWriter
 from vlp.data.tables import IMAGES, OBJECTS, TASK_NLVR2, TASK_REFCOCO, TASK_SNLI_VE, TASK_VQA
 from vlp.data.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from vlp.model import UniterConfig, UniterModel
-from vlp.tasks import DEFAULT_TASKS, TASKS
 from vlp.tasks.common import TaskDataError, read_image_sizes
 from vlp.tasks.gqa import GQA
 from vlp.tasks.nlvr2 import NLVR2, AttentionPool, expand_type_embeddings
 from vlp.tasks.refexp import NO_TARGET, RefExp, box_iou, match_region, refexp_hits
+from vlp.tasks.registry import DEFAULT_TASKS, TASKS
 from vlp.tasks.snli_ve import SNLIVE
 from vlp.tasks.vqa import VQA, vqa_loss
 from vlp.train.metrics import metrics_from_sums

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vlp.tasks import TASK_NAMES
+from vlp.tasks.registry import TASK_NAMES
 
 
 class CommonEvalConfig(BaseModel):

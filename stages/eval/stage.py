@@ -41,9 +41,10 @@ from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.txt_db import TxtDbOutput, find_dbs, max_txt_len
 from vlp.data.img_db import ImgDb
 from vlp.data.tokenizer import load_tokenizer
-from vlp.tasks import TASKS, gqa
+from vlp.tasks import gqa
 from vlp.tasks.common import TaskDataError, read_task_table
 from vlp.tasks.laviter import damsm_heads
+from vlp.tasks.registry import TASKS
 from vlp.tasks.retrieval import ITM_HEAD, PairScorer, Retrieval
 from vlp.tasks.splits import retrieval_split, task_image_sizes, task_split
 from vlp.train.device import default_device

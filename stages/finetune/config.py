@@ -12,11 +12,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlp.objectives.iais import Anchor
-from vlp.tasks import DEFAULT_TASKS
 from vlp.tasks.common import TaskOptions
 from vlp.tasks.gqa import GQAOptions
 from vlp.tasks.nlvr2 import NLVR2Options
 from vlp.tasks.refexp import RefExpOptions
+from vlp.tasks.registry import DEFAULT_TASKS
 from vlp.tasks.vqa import VQAOptions
 from vlp.train.optim import OptimConfig
 

@@ -32,8 +32,8 @@ from stages.outputs.txt_db import TxtDbOutput, find_dbs
 from vlp.data.img_db import ImgDb
 from vlp.eval.retrieval import recall_at_k, score_all_pairs
 from vlp.model import UniterModel
-from vlp.tasks import TASKS
 from vlp.tasks.common import TaskDataError
+from vlp.tasks.registry import TASKS
 from vlp.tasks.retrieval import PairScorer, Retrieval, RetrievalDataset
 from vlp.tasks.splits import retrieval_split, task_image_sizes, task_split
 from vlp.train.device import default_device

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 
 from vlp.data.img_db import ImgDb
 from vlp.data.txt_db import TxtDb, TxtDbError
-from vlp.tasks import TASKS
 from vlp.tasks.common import TaskDataError, TaskDataset, missing_report, read_image_sizes
+from vlp.tasks.registry import TASKS
 from vlp.tasks.retrieval import RetrievalDataset, Sides
 
 
