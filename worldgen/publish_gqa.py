@@ -188,13 +188,20 @@ def _values(kind: str) -> tuple[str, ...]:
     return tuple(COLOURS) if kind == "color" else SIZES
 
 
-def _query_attr(img: GqaImage, rng: random.Random) -> Question | None:
+def _attribute_subject(img: GqaImage, rng: random.Random, kinds: tuple[str, ...]) -> tuple | None:
+    """(index, object, object id, attribute kind) of a uniquely-shaped object to ask about, or None."""
     unique = _unique_shapes(img.scene)
     if not unique:
         return None
     i = rng.choice(unique)
-    obj, oid = img.scene.objects[i], img.object_ids[i]
-    kind = rng.choice(("color", "color", "size"))
+    return i, img.scene.objects[i], img.object_ids[i], rng.choice(kinds)
+
+
+def _query_attr(img: GqaImage, rng: random.Random) -> Question | None:
+    subject = _attribute_subject(img, rng, ("color", "color", "size"))
+    if subject is None:
+        return None
+    i, obj, oid, kind = subject
     value = _attr_of(obj, kind)
     # What color is the circle?  /  The circle is red.
     return Question(
@@ -208,12 +215,10 @@ def _query_attr(img: GqaImage, rng: random.Random) -> Question | None:
 
 
 def _verify_attr(img: GqaImage, rng: random.Random) -> Question | None:
-    unique = _unique_shapes(img.scene)
-    if not unique:
+    subject = _attribute_subject(img, rng, ("color", "size"))
+    if subject is None:
         return None
-    i = rng.choice(unique)
-    obj, oid = img.scene.objects[i], img.object_ids[i]
-    kind = rng.choice(("color", "size"))
+    i, obj, oid, kind = subject
     truth = _attr_of(obj, kind)
     asked = truth if rng.random() < 0.5 else rng.choice([v for v in _values(kind) if v != truth])
     yes = asked == truth
@@ -229,12 +234,10 @@ def _verify_attr(img: GqaImage, rng: random.Random) -> Question | None:
 
 
 def _choose_attr(img: GqaImage, rng: random.Random) -> Question | None:
-    unique = _unique_shapes(img.scene)
-    if not unique:
+    subject = _attribute_subject(img, rng, ("color", "size"))
+    if subject is None:
         return None
-    i = rng.choice(unique)
-    obj, oid = img.scene.objects[i], img.object_ids[i]
-    kind = rng.choice(("color", "size"))
+    i, obj, oid, kind = subject
     truth = _attr_of(obj, kind)
     options = [truth, rng.choice([v for v in _values(kind) if v != truth])]
     rng.shuffle(options)

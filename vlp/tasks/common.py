@@ -261,3 +261,9 @@ class TaskHead(nn.Module):
         """Raise a one-line error when a checkpoint's ``state_extra`` does not fit this head and its data."""
         if extra.get("task") != self.name:
             raise ValueError(f"checkpoint is for task {extra.get('task')!r}, not {self.name!r}")
+
+
+def check_answer_labels(task: str, ans2label: dict[str, int]) -> None:
+    """An answer vocabulary must map its n answers to the labels 0..n-1, each once."""
+    if not ans2label or sorted(ans2label.values()) != list(range(len(ans2label))):
+        raise ValueError(f"{task} ans2label must map {len(ans2label)} answers to labels 0..n-1, each once")

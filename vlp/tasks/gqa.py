@@ -35,6 +35,7 @@ from vlp.tasks.common import (
     TaskDataset,
     TaskHead,
     TaskOptions,
+    check_answer_labels,
     classifier_mlp,
     finish_records,
     read_task_rows,
@@ -92,8 +93,7 @@ class GQA(TaskHead):
 
     def __init__(self, encoder_config: UniterConfig, *, ans2label: dict[str, int], **options: Any):
         super().__init__(encoder_config, **options)
-        if not ans2label or sorted(ans2label.values()) != list(range(len(ans2label))):
-            raise ValueError(f"GQA ans2label must map {len(ans2label)} answers to labels 0..n-1, each once")
+        check_answer_labels("GQA", ans2label)
         self.ans2label = dict(ans2label)
         self.label2ans = sorted(ans2label, key=ans2label.get)
         self.classifier = classifier_mlp(encoder_config, len(ans2label))

@@ -30,6 +30,7 @@ from vlp.tasks.common import (
     TaskDataset,
     TaskHead,
     TaskOptions,
+    check_answer_labels,
     classifier_mlp,
     finish_records,
     read_task_rows,
@@ -104,8 +105,7 @@ class VQA(TaskHead):
 
     def __init__(self, encoder_config: UniterConfig, *, ans2label: dict[str, int], **options: Any):
         super().__init__(encoder_config, **options)
-        if sorted(ans2label.values()) != list(range(len(ans2label))) or not ans2label:
-            raise ValueError(f"VQA ans2label must map {len(ans2label)} answers to labels 0..n-1, each once")
+        check_answer_labels("VQA", ans2label)
         self.ans2label = dict(ans2label)
         self.label2ans = sorted(ans2label, key=ans2label.get)
         self.classifier = classifier_mlp(encoder_config, len(ans2label))
