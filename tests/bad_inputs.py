@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -179,6 +180,10 @@ class Outcome:
                 and self.case.expect in self.line and not self.committed and self.recovered is not False)
 
 
+# A line Ray forwards from a worker: '(<task or actor> pid=N) ...', possibly coloured.
+RAY_WORKER_LINE = re.compile(r"^(\x1b\[[0-9;]*m)*\((\S+ )?pid=\d+")
+
+
 def _run(workdir: Path, case: Case, base: Path) -> Outcome:
     # The world as built once; the download too when the case's stage reads it (hard links: cheap).
     for stage in ("world", "download") if case.stage != "download" else ("world",):
@@ -195,7 +200,9 @@ def _run(workdir: Path, case: Case, base: Path) -> Outcome:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = main(command)
-    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    # The probe's Ray is shared and its workers' log lines reach stderr asynchronously, so one may land
+    # after the CLI's answer: leave them out (a CLI on its own Ray stops it before answering).
+    lines = [line for line in err.getvalue().splitlines() if line.strip() and not RAY_WORKER_LINE.match(line)]
     if len([line for line in lines if line.startswith("error: ")]) > 1:
         lines.append("(more than one error line)")
     after = {p for p in (workdir / case.stage).glob("*")} if (workdir / case.stage).is_dir() else set()

@@ -102,7 +102,16 @@ def random_detector() -> tuple[RegionDetector, list[str], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def extracted(setup):
+def local_ray(setup):
+    # One Ray for the module: the CLI runs below keep a connection their caller made (a Ray per run costs
+    # seconds each); a run that starts its own is tested in test_pipeline / test_graph.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def extracted(setup, local_ray):
     """`--stage features` through the CLI (the reference run), then the same command again."""
     workdir, weights = setup
     argv = ["--config", str(TINY), "--workdir", str(workdir), "--stage", "features", *overrides(weights)]
@@ -111,13 +120,6 @@ def extracted(setup):
     mtime = (out / "manifest.json").stat().st_mtime_ns
     assert main(argv) == 0
     return out, mtime
-
-
-@pytest.fixture(scope="module")
-def local_ray(extracted):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def stage_context(workdir: Path, out: Path, weights: Path, **extra: str) -> StageContext:

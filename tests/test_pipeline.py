@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import REPO_ROOT
@@ -36,8 +37,38 @@ def child_runs(workdir: Path) -> dict[str, list]:
     return {p.info.run_id: by_parent[p.info.run_id] for p in parents}
 
 
+# These two run before the module's shared Ray (below) exists: each invocation starts and stops its own.
+def test_bad_config_is_one_line_and_runs_nothing(tmp_path, capsys):
+    assert run(tmp_path, "--stage", "dedup", "download.timeout_s=oops") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "download.timeout_s" in err
+    assert not (tmp_path / "download").exists()
+
+
+def test_unreachable_mirror_fails_cleanly(tmp_path, capsys):
+    code = run(
+        tmp_path, "--stage", "download", "download.source=web", "download.mirror_url=http://127.0.0.1:9"
+    )
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "127.0.0.1:9" in err[-1]
+    assert outputs(tmp_path, "download") == []
+    runs = list(child_runs(tmp_path).values())[-1]
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def shared_ray():
+    """One Ray for the module's CLI runs (the CLI keeps a connection its caller made; one per run costs
+    seconds each). Runs that start their own: tests/test_graph.py and the two tests above."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared_ray):
     wd = tmp_path_factory.mktemp("work")
     assert run(wd, "--stage", "dedup") == 0
     return wd
@@ -118,25 +149,6 @@ def test_cache_hits_and_invalidation(workdir):
     last = {r.info.run_name: r.data.tags["cached"] for r in list(child_runs(workdir).values())[-1]}
     assert last == {"world": "false"}
     assert outputs(workdir, "world") == before["world"]
-
-
-def test_bad_config_is_one_line_and_runs_nothing(tmp_path, capsys):
-    assert run(tmp_path, "--stage", "dedup", "download.timeout_s=oops") == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "download.timeout_s" in err
-    assert not (tmp_path / "download").exists()
-
-
-def test_unreachable_mirror_fails_cleanly(tmp_path, capsys):
-    code = run(
-        tmp_path, "--stage", "download", "download.source=web", "download.mirror_url=http://127.0.0.1:9"
-    )
-    assert code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and "127.0.0.1:9" in err[-1]
-    assert outputs(tmp_path, "download") == []
-    runs = list(child_runs(tmp_path).values())[-1]
-    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def _free_port() -> int:

@@ -140,6 +140,7 @@ def test_concurrent_runs_on_one_work_dir_serialise_and_commit_complete_outputs(t
     # D6: two downloads into one work dir both exited 0 with 4 of 22 shards and no tables/ committed;
     # D8: two runs on a new work dir raced in MLflow's database setup.
     import json
+    import re
     import subprocess
     import sys
 
@@ -156,11 +157,10 @@ def test_concurrent_runs_on_one_work_dir_serialise_and_commit_complete_outputs(t
     assert len(list((download / "images").rglob("shard-*.parquet"))) == summary["shards"] > 1
     assert (download / "tables" / "captions.parquet").is_file()
     # Each stage was computed once: the later run either waited and took the committed output, or (when
-    # it reached its plan after the first had finished, as on a loaded machine) planned it as cached.
-    assert sum(log.count("download: running (key") for log in logs) == 1, logs
-    later = next(log for log in logs if "download: running (key" not in log)
-    assert "download: committed by another run meanwhile" in later or " cached" in later.split(
-        "plan: download")[1].splitlines()[0], later
+    # it reached its plan after the first had finished) planned it as cached. Read from each driver's own
+    # closing table: the stage tasks' log lines reach the driver asynchronously and can be cut at its exit.
+    endings = [re.search(r"^download\s+(ran in|cached, skipped)", log, re.M) for log in logs]
+    assert all(endings) and sorted(m.group(1) for m in endings) == ["cached, skipped", "ran in"], logs
 
 
 def test_paths_from_config_never_leave_the_work_dir(tmp_path, capsys):
