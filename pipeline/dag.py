@@ -263,9 +263,11 @@ def execute(
     of every stage task and, through Ray's inheritance, of everything it starts (pipeline/cluster.py)."""
     refs: dict[str, ray.ObjectRef] = {}
     cfg_data = cfg.model_dump(mode="json")
+    # A reservation no node can hold would wait forever: cap it at the largest node (threads then share it).
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
     for ps in stages:
         upstream = [refs[label] for label in ps.needs]
-        task = _run_stage.options(num_cpus=STAGES[ps.name].cpus(cfg) if not ps.cached else 0,
-                                  runtime_env=runtime_env)
+        cpus = min(STAGES[ps.name].cpus(cfg), largest) if not ps.cached else 0
+        task = _run_stage.options(num_cpus=cpus, runtime_env=runtime_env)
         refs[ps.label] = task.remote(ps.__dict__, cfg_data, str(workdir), tracking, *upstream)
     return ray.get(list(refs.values()))

@@ -93,6 +93,9 @@ STAGES: dict[str, StageSpec] = {
             entry="stages.feature_extraction.detector.stage:run",
             config=("features.detector", "seed"),
             upstream=lambda cfg: ("dedup",),
+            # Its training threads: with seeds=[0,1,2] three detectors would otherwise train at once on
+            # the same cores (measured on the demo: ~280 s per epoch each, 30-75 s for one alone).
+            cpus=lambda cfg: cfg.features.detector.train.threads,
         ),
         StageSpec(
             name="features",

@@ -106,6 +106,22 @@ def test_root_seed_reruns_exactly_the_stages_that_read_it(tmp_path):
         load_config(DEFAULT_CONFIG, ["features.detector.train.seed=1"])
 
 
+
+def test_stages_that_train_in_their_own_task_reserve_its_threads():
+    # The graph runs independent stages side by side (with seeds=[0,1,2], three detectors at once); a stage
+    # task reserving no CPUs while it sets torch threads oversubscribes the cores (seen: 10x slower epochs).
+    import re
+
+    from pipeline.config import REPO_ROOT
+    from pipeline.stages import STAGES
+
+    cfg = load_config(DEFAULT_CONFIG, ["features.detector.train.threads=3", "runtime.threads=2"])
+    threaded = {name: spec for name, spec in STAGES.items() if "set_num_threads" in (
+        REPO_ROOT / (spec.entry.split(":")[0].replace(".", "/") + ".py")).read_text()}
+    assert {re.sub(r"_.*", "", n) for n in threaded} == {"detector", "finetune", "eval"}
+    assert {n: spec.cpus(cfg) for n, spec in threaded.items()} == {
+        n: 3 if n == "detector" else 2 for n in threaded}
+
 def test_runtime_settings_have_one_home(tmp_path):
     cfg = load_config(DEFAULT_CONFIG)
     assert (cfg.runtime.precision, cfg.runtime.eval_precision, cfg.runtime.threads) == ("auto", "fp32", 1)
