@@ -33,7 +33,7 @@ from stages.outputs.download import DownloadOutput
 
 
 def download_shard(out_dir: str, shard: Shard, settings: FetchSettings) -> dict[str, Any]:
-    """Fetch one shard and commit it; runs as a Ray task, one CPU each."""
+    """Fetch one shard and commit it; runs as a Ray task (one CPU each) or a thread of the stage."""
     rows, stats = fetch_shard(list(shard.refs), settings)
     return commit_shard(Path(out_dir), shard, rows, stats)
 
@@ -98,7 +98,8 @@ def _in_ray_tasks(out_dir: Path, shards: list[Shard], todo: list[int], settings:
 def _in_threads(out_dir: Path, shards: list[Shard], todo: list[int], settings: FetchSettings,
                 max_in_flight: int) -> Iterator[tuple[int, dict[str, Any]]]:
     """The same shards through the same ``download_shard``, as threads of this process: no Ray worker to
-    start, which is what dominates a small list (the fetch itself mostly waits on sockets)."""
+    start, which costs a small list more than its fetch (threads suffice there: sockets, PIL's decoders
+    and sha256 release the GIL)."""
     pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="download-shard")
     try:
         futures = {pool.submit(download_shard, str(out_dir), shards[i], settings): i for i in todo}
