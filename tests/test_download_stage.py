@@ -1,5 +1,6 @@
 """The download stage end to end on real Ray (2 CPUs), a real Mirror and real parquet: exact counts per
-error type, tables, and a SIGKILLed run that resumes to exactly the rows of an uninterrupted one."""
+error type, tables, a SIGKILLed run that resumes to exactly the rows of an uninterrupted one, and the
+in-process path writing the same files as Ray tasks."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from PIL import Image
 from pipeline.config import PipelineConfig
 from stages.base import StageContext, StageError
 from stages.download.config import DownloadConfig
-from stages.download.stage import run
+from stages.download.stage import fetches_in_process, run
 from worldgen.mirror import Mirror
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,7 @@ def config(mirror_url: str, **download) -> PipelineConfig:
     values = dict(
         # 2 tasks x 2 threads: no more connections at once than the mirror's accept backlog (5) holds
         source="web", mirror_url=mirror_url, shard_size=4, threads_per_task=2, max_tasks_in_flight=2,
+        in_process_max_images=0,  # Ray tasks, unless a test picks the in-process path
         timeout_s=1.0, retries=1, backoff_s=0.05, max_bytes=1_000_000, max_pixels=4_000_000,
         datasets={"cc": {"files": {"train": TRAIN_URL, "val": VAL_URL}}},
     )
@@ -159,6 +161,53 @@ def test_counts_every_error_type_and_writes_tables(ray_cluster, site, tmp_path):
         k: v for k, v in m.items() if k.startswith("images.cc.")}
 
 
+def output_files(out: Path) -> dict[str, bytes]:
+    """Every file of a download output, the timings (which differ run to run) taken out of the stats."""
+    files = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        name, data = str(path.relative_to(out)), path.read_bytes()
+        if name.startswith("stats/"):
+            stats = json.loads(data)
+            for timing in ("seconds", "fetch_seconds"):
+                stats.pop(timing, None)
+            stats.get("metrics", {}).pop("images.per_second", None)
+            data = json.dumps(stats, sort_keys=True).encode()
+        files[name] = data
+    return files
+
+
+def test_in_process_path_writes_the_files_of_ray_tasks(ray_cluster, site, tmp_path):
+    www, faults_file = site
+    runs = {}
+    # 59 images: at most 59 fetch in this process, fewer send them to Ray.
+    for max_images, runner in ((58, "ray"), (59, "process")):
+        with Mirror(www, faults_file) as mirror:
+            result = run_stage(config(mirror.base_url, in_process_max_images=max_images), tmp_path / runner)
+        assert result.params["download.runner"] == runner
+        runs[runner] = output_files(tmp_path / runner)
+    assert runs["process"] == runs["ray"]
+    assert sum(name.startswith("images/cc/shard-") for name in runs["ray"]) == 15
+    summary = json.loads(runs["ray"]["stats/summary.json"])
+    assert summary["datasets"]["cc"]["ok"] == 51 and summary["datasets"]["cc"]["retried"] == 1
+    assert sum(summary["datasets"]["cc"]["failed"].values()) == 8
+
+    # The threshold counts the images a resumed run has left: two 4-image shards here.
+    out = tmp_path / "process"
+    for max_images, runner in ((7, "ray"), (8, "process")):
+        for index in (0, 1):
+            (out / "stats" / "cc" / f"shard-0000{index}.json").unlink()
+        with Mirror(www, faults_file) as mirror:
+            result = run_stage(config(mirror.base_url, in_process_max_images=max_images), out)
+        assert result.params["download.runner"] == runner
+        assert result.metrics["images.fetched_this_run"] == 8 and result.metrics["shards.resumed"] == 13
+        files = output_files(out)
+        # The summary also tells this run's resume counts; its per-dataset counts are those of a whole run.
+        resumed, whole = (json.loads(f.pop("stats/summary.json")) for f in (files, dict(runs["ray"])))
+        assert files == {name: data for name, data in runs["ray"].items() if name != "stats/summary.json"}
+        assert resumed["datasets"] == whole["datasets"] and resumed["resumed_shards"] == 13
+    assert fetches_in_process(0, 0) and not fetches_in_process(1, 0)
+
+
 def test_malformed_metadata_is_one_line_and_fetches_nothing(ray_cluster, tmp_path):
     www = tmp_path / "www"
     _publish(www, TRAIN_URL, b"caption without a url\n")
@@ -201,7 +250,7 @@ from pathlib import Path
 import ray
 from pipeline.config import PipelineConfig
 from stages.base import StageContext
-from stages.download.stage import run
+from stages.download.stage import fetches_in_process, run
 cfg = PipelineConfig.model_validate(json.loads(sys.argv[1]))
 out = Path(sys.argv[2])
 ray.init(address="local", num_cpus=2, include_dashboard=False)

@@ -53,6 +53,11 @@ class DownloadConfig(BaseModel):
     shard_size: int = Field(128, gt=0)  # images per shard: the unit of parallelism and of resume
     threads_per_task: int = Field(16, gt=0)  # concurrent requests inside one Ray shard task
     max_tasks_in_flight: int = Field(4, gt=0)
+    # A run with at most this many images left to fetch runs its shards as threads of the stage's own
+    # process instead of Ray tasks (same shards, same files): starting Ray and its workers costs more than
+    # their extra cores bring; on 2 cores a fresh process fetched 30,000 images in-process in 21 s, as
+    # Ray tasks in 31 s (benchmarks/download_throughput.py --cold). 0 sends every shard to Ray.
+    in_process_max_images: int = Field(30_000, ge=0)
     timeout_s: float = Field(5.0, gt=0)  # per request (connect + each read)
     retries: int = Field(3, ge=0)  # extra attempts on transient errors (5xx, timeout, connection)
     backoff_s: float = Field(0.2, ge=0)  # first retry delay, doubled each attempt

@@ -1,4 +1,5 @@
-"""The download stage: metadata -> tables, then every corpus's images as resumable Ray shard tasks.
+"""The download stage: metadata -> tables, then every corpus's images as resumable shards: Ray tasks, or
+threads of this process when few images are left to fetch (``download.in_process_max_images``).
 
 Web mode fetches the configured URLs (optionally through ``download.mirror_url``); world mode fetches
 them through the mirror of the synthetic world that the pipeline serves around this stage and names in
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,7 @@ from stages.outputs.download import DownloadOutput
 
 
 def download_shard(out_dir: str, shard: Shard, settings: FetchSettings) -> dict[str, Any]:
-    """Fetch one shard and commit it; runs as a Ray task, one CPU each."""
+    """Fetch one shard and commit it; runs as a Ray task (one CPU each) or a thread of the stage."""
     rows, stats = fetch_shard(list(shard.refs), settings)
     return commit_shard(Path(out_dir), shard, rows, stats)
 
@@ -71,9 +74,46 @@ def _image_refs(parsed: dict[str, Parsed]) -> list[ImageRef]:
     return refs
 
 
+def fetches_in_process(images: int, in_process_max_images: int) -> bool:
+    """Whether a run with ``images`` left to fetch fetches them in this process rather than as Ray tasks."""
+    return images <= in_process_max_images
+
+
+def _in_ray_tasks(out_dir: Path, shards: list[Shard], todo: list[int], settings: FetchSettings,
+                  max_in_flight: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index, stats) of each shard in ``todo`` as its Ray task (one CPU) finishes."""
+    task = ray.remote(num_cpus=1)(download_shard)
+    pending: dict[ray.ObjectRef, int] = {}
+    queue = iter(todo)
+    while True:
+        while len(pending) < max_in_flight and (i := next(queue, None)) is not None:
+            pending[task.remote(str(out_dir), shards[i], settings)] = i
+        if not pending:
+            return
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            yield pending.pop(ref), ray.get(ref)
+
+
+def _in_threads(out_dir: Path, shards: list[Shard], todo: list[int], settings: FetchSettings,
+                max_in_flight: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The same shards through the same ``download_shard``, as threads of this process: no Ray worker to
+    start, which costs a small list more than its fetch (threads suffice there: sockets, PIL's decoders
+    and sha256 release the GIL)."""
+    pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="download-shard")
+    try:
+        futures = {pool.submit(download_shard, str(out_dir), shards[i], settings): i for i in todo}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # a failed shard stops the run, as a failed Ray task does
+
+
 def run_shards(out_dir: Path, shards: list[Shard], settings: FetchSettings, max_in_flight: int,
-                log) -> tuple[list[dict[str, Any]], list[Shard]]:
-    """Stats of every shard (committed earlier or now) and the shards fetched by this run."""
+               in_process_max_images: int, log) -> tuple[list[dict[str, Any]], list[Shard], str]:
+    """Stats of every shard (committed earlier or now), the shards fetched by this run and where they were
+    fetched ("process" or "ray"). Either way each shard is one ``download_shard`` call, at most
+    ``max_in_flight`` at once, so the files written are the same."""
     discarded = discard_partial_files(out_dir)
     if discarded:
         log.info("download: discarded %d partial files from an interrupted run", discarded)
@@ -82,21 +122,17 @@ def run_shards(out_dir: Path, shards: list[Shard], settings: FetchSettings, max_
     resumed = len(shards) - len(todo)
     if resumed:
         log.info("download: resuming, %d of %d shards already committed", resumed, len(shards))
-    task = ray.remote(num_cpus=1)(download_shard)
-    pending: dict[ray.ObjectRef, int] = {}
-    queue = iter(todo)
+    images = sum(len(shards[i].refs) for i in todo)
+    runner = "process" if fetches_in_process(images, in_process_max_images) else "ray"
+    log.info("download: fetching %d images in %d shards %s", images, len(todo),
+             "in this process" if runner == "process" else "as Ray tasks")
+    run = _in_threads if runner == "process" else _in_ray_tasks
     with tqdm(total=len(shards), initial=resumed, desc="download shards", unit="shard",
               file=sys.stderr, mininterval=1.0) as bar:
-        while True:
-            while len(pending) < max_in_flight and (i := next(queue, None)) is not None:
-                pending[task.remote(str(out_dir), shards[i], settings)] = i
-            if not pending:
-                break
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                done[pending.pop(ref)] = ray.get(ref)
-                bar.update(1)
-    return done, [shards[i] for i in todo]
+        for i, stats in run(out_dir, shards, todo, settings, max_in_flight):
+            done[i] = stats
+            bar.update(1)
+    return done, [shards[i] for i in todo], runner
 
 
 def _summarize(datasets: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -155,7 +191,8 @@ def run(ctx: StageContext) -> StageResult:
     shards = plan_shards(_image_refs(parsed), cfg.shard_size)
     settings = FetchSettings.from_config(cfg, mirror_url)
     start = time.monotonic()
-    stats, fetched_shards = run_shards(out_dir, shards, settings, cfg.max_tasks_in_flight, ctx.log)
+    stats, fetched_shards, runner = run_shards(out_dir, shards, settings, cfg.max_tasks_in_flight,
+                                               cfg.in_process_max_images, ctx.log)
     fetch_seconds = time.monotonic() - start
 
     by_corpus: dict[str, list[dict[str, Any]]] = {}
@@ -186,6 +223,6 @@ def run(ctx: StageContext) -> StageResult:
                      sum(s["failed"].values()), s["failed"], s["retried"])
     return StageResult(
         metrics=metrics,
-        params={"download.shards": len(shards)},
+        params={"download.shards": len(shards), "download.runner": runner},
         artifacts=[str(layout.summary_file.relative_to(out_dir))],
     )
