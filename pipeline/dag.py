@@ -133,6 +133,7 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
             planned[name] = PlannedStage(name, key, inputs, subset, store.is_done(name, key) and not forced,
                                          forced, name, seeds[0], needs)
             continue
+        previous = None  # this stage's label under the seed before
         for seed in seeds:
             here = label(name, seed)
             if here in planned:
@@ -140,10 +141,12 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
             seed_cfg = cfg.model_copy(update={"seed": seed})
             upstream = STAGES[name].upstream(seed_cfg)
             key = keys[seed][name]
+            after = [previous] if previous and STAGES[name].one_seed_at_a_time else []
             planned[here] = PlannedStage(
                 name, key, {up: keys[seed][up] for up in upstream}, subsets[seed][name],
                 store.is_done(name, key) and not forced, forced, here, seed,
-                [label(up, seed) for up in upstream])
+                [label(up, seed) for up in upstream] + after)
+            previous = here
     return list(planned.values())
 
 

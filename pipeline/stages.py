@@ -46,6 +46,9 @@ class StageSpec:
     output: type[StageOutput] = StageOutput
     # Run once over every seed of ``seeds`` (its inputs named "<stage>@<seed>"), not once per seed.
     across_seeds: bool = False
+    # Its per-seed runs wait for one another: a stage whose Ray Train workers take the cluster's CPUs would
+    # otherwise race another seed's for them, and the loser's workers time out unplaced.
+    one_seed_at_a_time: bool = False
 
     @property
     def module(self) -> str:
@@ -162,6 +165,7 @@ STAGES: dict[str, StageSpec] = {
             upstream=lambda cfg: ("txtdb", "features")
             + (("alignment",) if "owa" in cfg.pretrain.tasks else ()),
             files=lambda cfg: (cfg.pretrain.model.init_from_bert,),
+            one_seed_at_a_time=True,
         ),
         StageSpec(
             name="karpathy_txtdb",

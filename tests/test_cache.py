@@ -206,6 +206,10 @@ def test_seeds_plan_each_seed_dependent_stage_once_per_seed_and_reuse_the_rest(t
     assert all(two[f"{n}@1"].key == one[n].key for n in per_seed)
     assert all(two[n].key == one[n].key for n in shared)
     assert two["pretrain@1"].inputs == one["pretrain"].inputs and two["pretrain@1"].seed == 1
+    # Pretraining's seeds run one after another (their Ray Train workers would race for the same CPUs);
+    # other per-seed stages run side by side, each reserving what it uses.
+    assert two["pretrain@1"].needs == ["txtdb", "features@1", "pretrain@0"]
+    assert two["pretrain@0"].needs == ["txtdb", "features@0"] and two["detector@1"].needs == ["dedup"]
     # The aggregates gather every seed's outputs.
     assert set(two["eval"].inputs) == {f"eval_{t}@{s}" for t in ("retrieval", "vqa", "nlvr2", "snli_ve",
                                                                   "refcoco") for s in (0, 1)}
