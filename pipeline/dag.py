@@ -141,13 +141,49 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
             seed_cfg = cfg.model_copy(update={"seed": seed})
             upstream = STAGES[name].upstream(seed_cfg)
             key = keys[seed][name]
-            after = [previous] if previous and STAGES[name].one_seed_at_a_time else []
+            after = [previous] if previous and STAGES[name].exclusive else []
             planned[here] = PlannedStage(
                 name, key, {up: keys[seed][up] for up in upstream}, subsets[seed][name],
                 store.is_done(name, key) and not forced, forced, here, seed,
                 [label(up, seed) for up in upstream] + after)
             previous = here
-    return list(planned.values())
+    return _run_exclusive_alone(list(planned.values()))
+
+
+def _run_exclusive_alone(stages: list[PlannedStage]) -> list[PlannedStage]:
+    """Add the waits that run every ``exclusive`` stage alone (StageSpec.exclusive): after everything
+    upstream of any of them, and before everything else; returned in an order where needs come first."""
+    by_label = {ps.label: ps for ps in stages}
+    exclusive = [ps.label for ps in stages if STAGES[ps.name].exclusive]
+    if not exclusive:
+        return stages
+    before: set[str] = set()
+    todo = [need for label in exclusive for need in by_label[label].needs]
+    while todo:
+        label = todo.pop()
+        if label not in before and label not in exclusive:
+            before.add(label)
+            todo += by_label[label].needs
+    first, last = exclusive[0], exclusive[-1]  # their seeds are already chained one after another
+    by_label[first].needs += sorted(before - set(by_label[first].needs))
+    waits: dict[str, bool] = {}  # whether a stage already waits for the last exclusive run through its needs
+
+    def waits_already(label: str) -> bool:
+        if label not in waits:
+            waits[label] = any(n == last or waits_already(n) for n in by_label[label].needs)
+        return waits[label]
+
+    for ps in stages:
+        if ps.label not in before and ps.label not in exclusive and not waits_already(ps.label):
+            ps.needs.append(last)
+    ordered: list[PlannedStage] = []
+    placed: set[str] = set()
+    while len(ordered) < len(stages):
+        for ps in stages:
+            if ps.label not in placed and all(n in placed for n in ps.needs):
+                ordered.append(ps)
+                placed.add(ps.label)
+    return ordered
 
 
 @contextmanager

@@ -46,9 +46,10 @@ class StageSpec:
     output: type[StageOutput] = StageOutput
     # Run once over every seed of ``seeds`` (its inputs named "<stage>@<seed>"), not once per seed.
     across_seeds: bool = False
-    # Its per-seed runs wait for one another: a stage whose Ray Train workers take the cluster's CPUs would
-    # otherwise race another seed's for them, and the loser's workers time out unplaced.
-    one_seed_at_a_time: bool = False
+    # Its Ray Train workers take the cluster's CPUs for the whole run, and give up when they cannot be placed
+    # in time: so it runs alone, after every stage upstream of any of its seeds, one seed after another,
+    # and every other stage waits for it (raced by other stages' tasks, its workers timed out unplaced).
+    exclusive: bool = False
 
     @property
     def module(self) -> str:
@@ -165,7 +166,7 @@ STAGES: dict[str, StageSpec] = {
             upstream=lambda cfg: ("txtdb", "features")
             + (("alignment",) if "owa" in cfg.pretrain.tasks else ()),
             files=lambda cfg: (cfg.pretrain.model.init_from_bert,),
-            one_seed_at_a_time=True,
+            exclusive=True,
         ),
         StageSpec(
             name="karpathy_txtdb",

@@ -206,10 +206,16 @@ def test_seeds_plan_each_seed_dependent_stage_once_per_seed_and_reuse_the_rest(t
     assert all(two[f"{n}@1"].key == one[n].key for n in per_seed)
     assert all(two[n].key == one[n].key for n in shared)
     assert two["pretrain@1"].inputs == one["pretrain"].inputs and two["pretrain@1"].seed == 1
-    # Pretraining's seeds run one after another (their Ray Train workers would race for the same CPUs);
-    # other per-seed stages run side by side, each reserving what it uses.
-    assert two["pretrain@1"].needs == ["txtdb", "features@1", "pretrain@0"]
-    assert two["pretrain@0"].needs == ["txtdb", "features@0"] and two["detector@1"].needs == ["dedup"]
+    # Pretraining runs alone (its Ray Train workers would race other stages' tasks for the CPUs): after
+    # everything upstream of any seed's, one seed after another, and before everything else.
+    labels = [p.label for p in plan(load_config(None, ["seeds=[0,1]"]), "all", StageStore(tmp_path))]
+    first, second = labels.index("pretrain@0"), labels.index("pretrain@1")
+    assert {"detector@1", "features@1"} <= set(two["pretrain@0"].needs)
+    assert "pretrain@0" in two["pretrain@1"].needs
+    assert set(labels[:first]) == {"world", "download", "dedup", "txtdb", "detector@0", "detector@1",
+                                   "features@0", "features@1"} and second == first + 1
+    assert "pretrain@1" in two["gt_features@0"].needs and "pretrain@1" in two["finetune_vqa@0"].needs
+    assert two["detector@1"].needs == ["dedup"]  # the rest run side by side, each reserving what it uses
     # The aggregates gather every seed's outputs.
     assert set(two["eval"].inputs) == {f"eval_{t}@{s}" for t in ("retrieval", "vqa", "nlvr2", "snli_ve",
                                                                   "refcoco") for s in (0, 1)}
