@@ -29,7 +29,8 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(data, dict):
         out: dict[str, str] = {}
         for k, v in data.items():
-            out.update(flatten(v, f"{prefix}{k}."))
+            # MLflow refuses "@" in a name: a seed's stage label ("pretrain@1") becomes "pretrain.seed1".
+            out.update(flatten(v, f"{prefix}{str(k).replace('@', '.seed')}."))
         return out
     return {prefix.rstrip("."): str(data)[:MAX_PARAM_LEN]}
 
