@@ -103,8 +103,10 @@ def build_store(root: Path, n_images: int, soft_labels: bool = True, seed: int =
 
 def loop_config(**over) -> PretrainConfig:
     """Exact arithmetic (fp32 at run time, no dropout), no validation: what the gradient and resume checks
-    need."""
-    base = dict(train_dbs=["toy_train"], batch_units=300, grad_accum=2, steps=8, num_workers=2,
+    need. UNITER's mix without the default's itc: ITC's negatives are each worker's own batch, so two
+    workers' gradient is not the global batch's (by design, as in ALBEF)."""
+    base = dict(tasks={"mlm": 2.0, "mrfr": 1.0, "mrc_kl": 1.0, "itm": 2.0}, train_dbs=["toy_train"],
+                batch_units=300, grad_accum=2, steps=8, num_workers=2,
                 model={"dropout": 0.0}, optim={"warmup": 0.25, "lr": 1e-3}, checkpoint_every=2,
                 keep_checkpoints=10, log_every=2, max_failures=1,
                 validation={"every": 100, "dbs": [], "holdout_images": 0, "retrieval_db": None})
