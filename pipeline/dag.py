@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from itertools import pairwise
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,6 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
             planned[name] = PlannedStage(name, key, inputs, subset, store.is_done(name, key) and not forced,
                                          forced, name, seeds[0], needs)
             continue
-        previous = None  # this stage's label under the seed before
         for seed in seeds:
             here = label(name, seed)
             if here in planned:
@@ -141,12 +141,10 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
             seed_cfg = cfg.model_copy(update={"seed": seed})
             upstream = STAGES[name].upstream(seed_cfg)
             key = keys[seed][name]
-            after = [previous] if previous and STAGES[name].exclusive else []
             planned[here] = PlannedStage(
                 name, key, {up: keys[seed][up] for up in upstream}, subsets[seed][name],
                 store.is_done(name, key) and not forced, forced, here, seed,
-                [label(up, seed) for up in upstream] + after)
-            previous = here
+                [label(up, seed) for up in upstream])
     return _run_exclusive_alone(list(planned.values()))
 
 
@@ -164,8 +162,10 @@ def _run_exclusive_alone(stages: list[PlannedStage]) -> list[PlannedStage]:
         if label not in before and label not in exclusive:
             before.add(label)
             todo += by_label[label].needs
-    first, last = exclusive[0], exclusive[-1]  # their seeds are already chained one after another
+    first, last = exclusive[0], exclusive[-1]
     by_label[first].needs += sorted(before - set(by_label[first].needs))
+    for earlier, later in pairwise(exclusive):  # one seed after another
+        by_label[later].needs.append(earlier)
     waits: dict[str, bool] = {}  # whether a stage already waits for the last exclusive run through its needs
 
     def waits_already(label: str) -> bool:
