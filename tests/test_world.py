@@ -468,7 +468,7 @@ def test_demo_world_counts_and_speed():
     world = build_world(DEMO.world, SOURCES["flickr30k"].image_base_url)
     truth = compute_truth(world)
     assert time.perf_counter() - start < 40
-    assert truth["images"] == {"coco": 400, "vg": 300, "cc": 600, "sbu": 300, "flickr30k": 300, "nlvr2": 400}
+    assert truth["images"] == {"coco": 400, "vg": 300, "cc": 600, "sbu": 300, "flickr30k": 300, "nlvr2": 680}
     assert truth["removed"] == {
         "coco": {"coco_id": 110, "flickr_id": 8},
         "vg": {"coco_id": 8, "flickr_id": 8},

@@ -1,6 +1,6 @@
 """Config of the synthetic world (the embedded default's miniature internet).
 
-Defaults are the demo world (about 2,500 images); ``configs/tiny.yaml`` sets a small one for smoke runs
+Defaults are the demo world (about 2,600 images); ``configs/tiny.yaml`` sets a small one for smoke runs
 and ``worldgen.presets.micro()`` the smallest for unit tests.
 Every count is exact: the world publishes exactly these many records, plants exactly these many
 overlaps and injects exactly these many faults, and records them in ``truth.json``.
@@ -40,8 +40,10 @@ class WorldSizes(BaseModel):
     karpathy_flickr30k_test: int = Field(30, ge=1)
     snli_ve_dev: int = Field(30, ge=1)  # Flickr30k images (not Entities test) whose pairs form SNLI-VE dev
     nlvr2_train: int = Field(140, ge=1)  # image pairs (two images each)
-    nlvr2_dev: int = Field(30, ge=1)
-    nlvr2_test1: int = Field(30, ge=1)
+    # 100 statements per evaluation split: at 30, one statement is 3.3 points and a single hard draw (six
+    # counting statements in dev) decided whether pretrained beat scratch.
+    nlvr2_dev: int = Field(100, ge=1)
+    nlvr2_test1: int = Field(100, ge=1)
     # GQA (published only when download.datasets configures it: configs/gqa.yaml). Train and val images are
     # Visual Genome images (neither planted nor faulty); testdev images are GQA's own ("n<digits>").
     gqa_train: int = Field(150, ge=1)
