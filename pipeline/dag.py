@@ -1,11 +1,11 @@
 """Plan the stages a target needs, then run them as a graph of Ray tasks.
 
 Keys are computed on the driver before anything runs (code + config subset + input keys), so the plan
-already says which stages are cached. Each stage is a Ray task that takes its upstream tasks' result
-refs as arguments, so Ray's scheduler runs the graph in dependency order and independent branches in
-parallel. (The lazy ``DAGNode.bind``/``execute`` API builds the same graph but is deprecated in Ray
-2.60.) Cached stages return at once, the others run and commit atomically. Every stage, cached or not,
-gets an MLflow child run under the invocation's parent run.
+already says which stages are cached. Cached stages are recorded by the driver; every other stage is a
+Ray task that takes its upstream tasks' result refs as arguments, so Ray's scheduler runs the graph in
+dependency order and independent branches in parallel, and each commits atomically. (The lazy
+``DAGNode.bind``/``execute`` API builds the same graph but is deprecated in Ray 2.60.) Every stage, cached
+or not, gets an MLflow child run under the invocation's parent run.
 """
 
 from __future__ import annotations
@@ -246,6 +246,48 @@ def _check_complete(output: StageOutput, what: str) -> None:
         raise StageError(f"{output.root}: {what} (lacks {shown})")
 
 
+def _record(ps: PlannedStage, manifest: dict[str, Any], store: StageStore, tracker: Tracker, run_id: str,
+            start: float) -> Outcome:
+    """Log a committed stage's metrics, params, tags and artifacts to its child run and close the run."""
+    final = store.final_dir(ps.name, ps.key)
+    final_metrics = {**manifest["metrics"], "stage_seconds": manifest["seconds"]}
+    MetricLogger(tracker.uri, run_id).log(final_metrics, steps=manifest.get("metric_steps"))
+    tracker.log(
+        run_id,
+        params={"config": ps.config, "inputs": ps.inputs, **manifest["params"]},
+        tags={"cached": str(ps.cached).lower(), "output_dir": str(final), **manifest.get("tags", {})},
+    )
+    tracker.log_artifacts(run_id, [final / a for a in manifest["artifacts"]], final)
+    tracker.end(run_id)
+    return Outcome(ps.label, ps.key, str(final), ps.cached, time.time() - start, manifest["metrics"])
+
+
+def _start_child_run(ps: PlannedStage, tracking: dict[str, str], workdir: Path) -> tuple[Tracker, str]:
+    tracker = Tracker(tracking["uri"], tracking["experiment"], workdir)
+    run_id = tracker.start_run(
+        ps.label, tracking["parent_run_id"], tags={"stage": ps.name, "cache_key": ps.key, "seed": ps.seed}
+    )
+    return tracker, run_id
+
+
+def record_cached(ps: PlannedStage, workdir: Path, tracking: dict[str, str]) -> Outcome:
+    """A stage the plan found committed, recorded by the driver itself: starting a Ray worker (seconds each,
+    importing torch and MLflow) only to read a manifest made a fully cached ``--stage all`` take 40 s."""
+    store = StageStore(workdir)
+    start = time.time()
+    manifest = store.manifest(ps.name, ps.key)
+    if manifest is None:
+        raise StageError(f"{store.final_dir(ps.name, ps.key)}: planned as cached but has no manifest; "
+                         f"was it removed during the run? Run again")
+    log.info("%s: cached (key %s), skipping", ps.label, ps.key)
+    tracker, run_id = _start_child_run(ps, tracking, workdir)
+    try:
+        return _record(ps, manifest, store, tracker, run_id, start)
+    except BaseException:
+        tracker.end(run_id, "FAILED")
+        raise
+
+
 # max_retries=0: a stage whose process died (SIGBUS on a damaged store, OOM) would only die again, and
 # stages that can resume (download shards, Ray Train) retry their own units of work.
 @ray.remote(num_cpus=0, max_retries=0)
@@ -259,36 +301,19 @@ def _run_stage(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ps = PlannedStage(**stage)
     store = StageStore(Path(workdir))
-    tracker = Tracker(tracking["uri"], tracking["experiment"], Path(workdir))
-    run_id = tracker.start_run(
-        ps.label, tracking["parent_run_id"], tags={"stage": ps.name, "cache_key": ps.key, "seed": ps.seed}
-    )
+    tracker, run_id = _start_child_run(ps, tracking, Path(workdir))
     start = time.time()
     try:
-        if ps.cached:
-            manifest = store.manifest(ps.name, ps.key)
-            log.info("%s: cached (key %s), skipping", ps.label, ps.key)
-        else:
-            # Another invocation on this work dir may be computing the same output: wait for it.
-            with store.lock(ps.name, ps.key, lambda: log.info(
-                    "%s: waiting for another run computing key %s in this work dir", ps.label, ps.key)):
-                manifest = None if ps.force else store.manifest(ps.name, ps.key)
-                if manifest is not None:
-                    log.info("%s: committed by another run meanwhile (key %s), skipping", ps.label, ps.key)
-                    ps.cached = True
-                else:
-                    manifest = _compute(ps, cfg_data, store, Path(workdir), run_id, tracking["uri"], start)
-        final = store.final_dir(ps.name, ps.key)
-        final_metrics = {**manifest["metrics"], "stage_seconds": manifest["seconds"]}
-        MetricLogger(tracking["uri"], run_id).log(final_metrics, steps=manifest.get("metric_steps"))
-        tracker.log(
-            run_id,
-            params={"config": ps.config, "inputs": ps.inputs, **manifest["params"]},
-            tags={"cached": str(ps.cached).lower(), "output_dir": str(final), **manifest.get("tags", {})},
-        )
-        tracker.log_artifacts(run_id, [final / a for a in manifest["artifacts"]], final)
-        tracker.end(run_id)
-        return Outcome(ps.label, ps.key, str(final), ps.cached, time.time() - start, manifest["metrics"])
+        # Another invocation on this work dir may be computing the same output: wait for it.
+        with store.lock(ps.name, ps.key, lambda: log.info(
+                "%s: waiting for another run computing key %s in this work dir", ps.label, ps.key)):
+            manifest = None if ps.force else store.manifest(ps.name, ps.key)
+            if manifest is not None:
+                log.info("%s: committed by another run meanwhile (key %s), skipping", ps.label, ps.key)
+                ps.cached = True
+            else:
+                manifest = _compute(ps, cfg_data, store, Path(workdir), run_id, tracking["uri"], start)
+        return _record(ps, manifest, store, tracker, run_id, start)
     except BaseException:
         tracker.end(run_id, "FAILED")
         raise
@@ -298,15 +323,24 @@ def execute(
     cfg: PipelineConfig, stages: list[PlannedStage], workdir: Path, tracking: dict[str, str],
     runtime_env: dict[str, Any] | None = None,
 ) -> list[Outcome]:
-    """Submit every planned stage with its upstream result refs and wait for the whole graph. ``runtime_env``:
-    of every stage task and, through Ray's inheritance, of everything it starts (pipeline/cluster.py)."""
-    refs: dict[str, ray.ObjectRef] = {}
-    cfg_data = cfg.model_dump(mode="json")
-    # A reservation no node can hold would wait forever: cap it at the largest node (threads then share it).
-    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    """Record the cached stages here, submit every other stage with its upstream results (refs, or the
+    cached stages' outcomes) and wait for the whole graph; outcomes in plan order. ``runtime_env``: of
+    every stage task and, through Ray's inheritance, of everything it starts (pipeline/cluster.py). Needs
+    a Ray connection only when some stage runs."""
+    results: dict[str, Outcome | ray.ObjectRef] = {}
     for ps in stages:
-        upstream = [refs[label] for label in ps.needs]
-        cpus = min(STAGES[ps.name].cpus(cfg), largest) if not ps.cached else 0
-        task = _run_stage.options(num_cpus=cpus, runtime_env=runtime_env)
-        refs[ps.label] = task.remote(ps.__dict__, cfg_data, str(workdir), tracking, *upstream)
-    return ray.get(list(refs.values()))
+        if ps.cached:
+            results[ps.label] = record_cached(ps, workdir, tracking)
+    pending = [ps for ps in stages if not ps.cached]
+    if pending:
+        cfg_data = cfg.model_dump(mode="json")
+        # A reservation no node can hold would wait forever: cap it at the largest node (threads share it).
+        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        for ps in pending:
+            upstream = [results[label] for label in ps.needs]
+            cpus = min(STAGES[ps.name].cpus(cfg), largest)
+            task = _run_stage.options(num_cpus=cpus, runtime_env=runtime_env)
+            results[ps.label] = task.remote(ps.__dict__, cfg_data, str(workdir), tracking, *upstream)
+        labels = [ps.label for ps in pending]
+        results.update(zip(labels, ray.get([results[label] for label in labels]), strict=True))
+    return [results[ps.label] for ps in stages]

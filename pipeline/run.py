@@ -78,16 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     for ps in stages:
         log.info("plan: %-10s key %s  %s", ps.label, ps.key, "cached" if ps.cached else "run")
 
-    gcs, own_ray = connect(cfg.ray.num_cpus)
+    # A run whose every stage is cached reads manifests and logs to MLflow: it needs no cluster.
+    needs_ray = any(not ps.cached for ps in stages)
+    gcs, own_ray = connect(cfg.ray.num_cpus) if needs_ray else (None, False)
     try:
-        nodes = alive_nodes()
-        log.info("Ray cluster %s: %d node(s)", gcs, len(nodes))
-        check_shared_workdir(workdir, nodes)
         with ExitStack() as stack:
             store_uri = uri = tracking_uri(cfg.tracking.uri, workdir)
-            if len(nodes) > 1 and uri.startswith("sqlite:"):
-                # Several nodes writing one sqlite file (on shared storage) is what MLflow warns against.
-                uri = stack.enter_context(tracking_server(workdir, cfg.tracking.server_host))
+            if needs_ray:
+                nodes = alive_nodes()
+                log.info("Ray cluster %s: %d node(s)", gcs, len(nodes))
+                check_shared_workdir(workdir, nodes)
+                if len(nodes) > 1 and uri.startswith("sqlite:"):
+                    # Several nodes writing one sqlite file (on shared storage) is what MLflow warns against.
+                    uri = stack.enter_context(tracking_server(workdir, cfg.tracking.server_host))
+            else:
+                log.info("every stage is cached: Ray not started")
             code, outcomes, parent = _run_graph(cfg, args, stages, workdir, uri, gcs, own_ray)
     except StageError as err:
         if own_ray:
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_graph(cfg, args, stages, workdir: Path, uri: str, gcs: str, own_ray: bool):
+def _run_graph(cfg, args, stages, workdir: Path, uri: str, gcs: str | None, own_ray: bool):
     """Tracking runs and the stage graph; returns (exit code, outcomes, parent run id)."""
     # Creating the sqlite store and the experiment is not safe against a second run doing the same.
     with file_lock(workdir / ".mlflow.lock"):
@@ -124,7 +129,7 @@ def _run_graph(cfg, args, stages, workdir: Path, uri: str, gcs: str, own_ray: bo
             stages,
             workdir,
             {"uri": uri, "experiment": cfg.tracking.experiment, "parent_run_id": parent},
-            runtime_env=runtime_env(gcs),
+            runtime_env=runtime_env(gcs) if gcs else None,
         )
     except Exception as err:  # noqa: BLE001 - turned into one line for the user, traceback for the rest
         cause = _root_cause(err)

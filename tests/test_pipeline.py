@@ -124,12 +124,15 @@ def test_mlflow_holds_parent_and_stage_runs_with_reports(workdir):
     assert client.get_run(parent).data.params["download.timeout_s"] == "1.0"
 
 
-def test_cache_hits_and_invalidation(workdir):
+def test_cache_hits_and_invalidation(workdir, monkeypatch):
     before = {s: outputs(workdir, s) for s in ("world", "download", "dedup")}
-    # Nothing changed: everything is skipped and every stage run says so.
-    assert run(workdir, "--stage", "dedup") == 0
+    # Nothing changed: everything is skipped and every stage run says so, without touching Ray.
+    with monkeypatch.context() as m:
+        m.setattr("pipeline.run.connect", lambda *_: pytest.fail("a fully cached run connected to Ray"))
+        assert run(workdir, "--stage", "dedup") == 0
     last = list(child_runs(workdir).values())[-1]
     assert {r.data.tags["cached"] for r in last} == {"true"}
+    assert [r.info.status for r in last] == ["FINISHED"] * 3
     assert {s: outputs(workdir, s) for s in before} == before
 
     # A value only dedup reads: dedup reruns, nothing upstream does.
