@@ -145,7 +145,7 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
                 name, key, {up: keys[seed][up] for up in upstream}, subsets[seed][name],
                 store.is_done(name, key) and not forced, forced, here, seed,
                 [label(up, seed) for up in upstream])
-    return _run_exclusive_alone(list(planned.values()))
+    return _one_ray_data_stage_at_a_time(_run_exclusive_alone(list(planned.values())))
 
 
 def _run_exclusive_alone(stages: list[PlannedStage]) -> list[PlannedStage]:
@@ -184,6 +184,18 @@ def _run_exclusive_alone(stages: list[PlannedStage]) -> list[PlannedStage]:
                 ordered.append(ps)
                 placed.add(ps.label)
     return ordered
+
+
+def _one_ray_data_stage_at_a_time(stages: list[PlannedStage]) -> list[PlannedStage]:
+    """Chain the ``ray_data`` stages (StageSpec.ray_data) so that they run one after another; ``stages`` is
+    in an order where needs come first, and each waits only for one before it, so the order stays valid."""
+    previous = None
+    for ps in stages:
+        if STAGES[ps.name].ray_data:
+            if previous is not None and previous not in ps.needs:
+                ps.needs.append(previous)
+            previous = ps.label
+    return stages
 
 
 @contextmanager

@@ -50,6 +50,10 @@ class StageSpec:
     # in time: so it runs alone, after every stage upstream of any of its seeds, one seed after another,
     # and every other stage waits for it (raced by other stages' tasks, its workers timed out unplaced).
     exclusive: bool = False
+    # It runs a Ray Data pipeline whose actors and read tasks take CPUs as they go: two such stages at once
+    # can each hold part of the cluster and wait for the rest forever (three seeds' features stages on 2 CPUs
+    # did), so the graph runs them one at a time.
+    ray_data: bool = False
 
     @property
     def module(self) -> str:
@@ -118,6 +122,7 @@ STAGES: dict[str, StageSpec] = {
                 cfg.features.detector.detectron2.classes_file,
                 cfg.features.detector.detectron2.attributes_file,
             ),
+            ray_data=True,
         ),
         StageSpec(
             name="gt_features",

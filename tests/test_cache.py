@@ -216,6 +216,8 @@ def test_seeds_plan_each_seed_dependent_stage_once_per_seed_and_reuse_the_rest(t
                                    "features@0", "features@1"} and second == first + 1
     assert "pretrain@1" in two["gt_features@0"].needs and "pretrain@1" in two["finetune_vqa@0"].needs
     assert two["detector@1"].needs == ["dedup"]  # the rest run side by side, each reserving what it uses
+    # Ray Data stages run one at a time: at once, their actor pools split the CPUs and waited forever.
+    assert "features@0" in two["features@1"].needs and labels.index("features@0") < labels.index("features@1")
     # The aggregates gather every seed's outputs.
     assert set(two["eval"].inputs) == {f"eval_{t}@{s}" for t in ("retrieval", "vqa", "nlvr2", "snli_ve",
                                                                   "refcoco") for s in (0, 1)}
