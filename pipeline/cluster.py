@@ -42,9 +42,12 @@ def connect(num_cpus: int | None) -> tuple[str, bool]:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # "local", never None: None would join a cluster another `ray start` left in /tmp/ray. No dashboard
-        # for a run-local Ray: it would take port 8265 from a cluster started beside it.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # "local", never None: None would join a cluster another `ray start` left in /tmp/ray. The dashboard
+        # (on a free loopback port, not 8265, which a cluster started beside it may hold) serves the State
+        # API, by which Ray Train's placement group cleaner sees that a run's controller is gone: without it,
+        # the workers' CPUs of a run whose process ended first (a Tune trial) stayed reserved.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=_free_port("127.0.0.1"), log_to_driver=True)
     return ray.get_runtime_context().gcs_address, True
 
 
