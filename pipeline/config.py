@@ -20,6 +20,7 @@ from stages.eval.config import EvalConfig
 from stages.feature_extraction.config import FeatureConfig
 from stages.finetune.config import FinetuneConfig
 from stages.pretrain.config import PretrainConfig
+from stages.pretrain.sweep_config import SweepConfig, check_rows
 from stages.txt_db.config import TxtDbConfig
 from vlp.train.runtime import RuntimeConfig
 from worldgen.config import WorldConfig
@@ -86,6 +87,7 @@ class PipelineConfig(BaseModel):
     txt_db: TxtDbConfig = Field(default_factory=TxtDbConfig)
     alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -96,6 +98,11 @@ class PipelineConfig(BaseModel):
     def _distinct_seeds(self) -> PipelineConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds lists a seed twice: {self.seeds}")
+        if self.sweep.study is not None:
+            try:
+                check_rows(self.pretrain, self.sweep.study)
+            except ValueError as err:
+                raise ValueError(f"sweep.study.{err}") from None
         return self
 
     def subset(self, paths: tuple[str, ...]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from stages.outputs.eval import EvalOutput, SummaryOutput
 from stages.outputs.features import EntityFeaturesOutput, FeaturesOutput
 from stages.outputs.finetune import FinetuneIndexOutput, FinetuneOutput
 from stages.outputs.pretrain import PretrainOutput
+from stages.outputs.sweep import SweepOutput
 from stages.outputs.txt_db import TxtDbOutput
 from stages.outputs.world import WorldOutput
 from vlp.tasks.registry import TASK_NAMES
@@ -171,6 +172,20 @@ STAGES: dict[str, StageSpec] = {
             upstream=lambda cfg: ("txtdb", "features")
             + (("alignment",) if "owa" in cfg.pretrain.tasks else ()),
             files=lambda cfg: (cfg.pretrain.model.init_from_bert,),
+            exclusive=True,
+        ),
+        StageSpec(
+            name="sweep",
+            output=SweepOutput,
+            entry="stages.pretrain.sweep:run",
+            # the study, and the pretrain section its rows start from; not registered_model (where the best
+            # encoder is registered changes no result)
+            config=("pretrain", "sweep.study", "seed", "runtime.precision", "runtime.threads"),
+            upstream=lambda cfg: ("txtdb", "features") + (
+                ("alignment",) if cfg.sweep.study is not None
+                and any("owa" in r.tasks for r in cfg.sweep.study.rows) else ()),
+            files=lambda cfg: (cfg.pretrain.model.init_from_bert,),
+            # its trials' Ray Train workers take the cluster's CPUs, as pretraining's do
             exclusive=True,
         ),
         StageSpec(

@@ -1,0 +1,154 @@
+"""Config of the ``sweep`` stage (section ``sweep``): a study of pretraining loss sets run as Ray Tune trials.
+
+A study is a YAML file (``configs/sweeps/``) named by ``sweep.study`` and read into the config when it loads,
+so its contents are part of the stage's cache key and of the run's MLflow params. Each row is a loss set with
+its weights (``tasks``, replacing ``pretrain.tasks``) and any other pretraining settings it switches
+(``pretrain``: merged into the pipeline's ``pretrain`` section); every row runs once per seed of ``seeds``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from stages.pretrain.config import PretrainConfig
+
+# Rows name trial directories and MLflow runs.
+ROW_NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+-]*$")
+# Where a relative study path is looked for after the working directory: the repository (configs/sweeps/).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class StudyRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    tasks: dict[str, float] = Field(min_length=1)  # the loss set: objective -> sampling ratio
+    pretrain: dict[str, Any] = {}  # other pretrain settings of this row (``masking``, ``wra_weight``, ...)
+    # The paper's delta to the baseline row on each metric (the table prints it beside ours); a note
+    # says which table and row it comes from.
+    paper: dict[str, float] = {}
+    paper_note: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not ROW_NAME.match(name):
+            raise ValueError(f"row name {name!r}: letters, digits and _ . + - only, not starting with . or -")
+        return name
+
+
+class AshaConfig(BaseModel):
+    """ASHA early stopping on the study metric: on for exploration, off for a final comparison (every seed of
+    every row must finish). Its time attribute is the reported optimizer step, which survives a trial retry
+    (Tune's ``training_iteration`` restarts at 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    grace_steps: int = Field(250, ge=1)  # no trial stops before this step
+    reduction_factor: int = Field(2, ge=2)
+
+
+class Study(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    rows: list[StudyRow] = Field(min_length=1)
+    seeds: list[int] = Field([0], min_length=1)
+    steps: int | None = Field(None, ge=1)  # optimizer steps per trial; None: pretrain.steps
+    # Steps between validations; each is one report to Tune (and a checkpoint a retried trial resumes from).
+    report_every: int | None = Field(None, ge=1)  # None: pretrain.validation.every
+    baseline: str | None = None  # the row deltas are taken against (default: the first row)
+    metric: str = "itm_acc"  # a validation metric every row reports: ASHA's and the best row's
+    mode: Literal["max", "min"] = "max"
+    table_metrics: list[str] = ["itm_acc", "zs_ir_r1", "zs_tr_r1"]
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    max_failures: int = Field(1, ge=0)  # Tune's retries of a trial whose run failed
+    # Trials running at once; None: the cluster's CPUs over one trial's (workers x runtime.threads).
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Study:
+        names = [r.name for r in self.rows]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rows: a name appears twice: {names}")
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not a row (rows: {', '.join(names)})")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: a seed appears twice: {self.seeds}")
+        return self
+
+    @property
+    def baseline_row(self) -> str:
+        return self.baseline or self.rows[0].name
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The study: a path to its YAML file (relative paths: the working directory, then the repository), read
+    # into the config when it loads; None: no study configured (``--stage sweep`` refuses to run).
+    study: Study | None = None
+    # The best trial's encoder is registered in MLflow's model registry under this name, alias ``champion``.
+    registered_model: str = "vlp-encoder"
+
+    @field_validator("study", mode="before")
+    @classmethod
+    def _read_file(cls, value: Any) -> Any:
+        if not isinstance(value, str | Path):
+            return value
+        path = Path(value)
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / path
+        if not path.is_file():
+            raise ValueError(f"study file {value} not found")
+        try:
+            return yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"study file {path}: not YAML ({' '.join(str(err).split())})") from None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def row_config(base: PretrainConfig, study: Study, row: StudyRow) -> PretrainConfig:
+    """The pretraining config of one row: the pipeline's ``pretrain`` with the row's settings, its tasks, the
+    study's step budget, and a report (validation + checkpoint) every ``report_every`` steps."""
+    data = _merge(base.model_dump(mode="json"), row.pretrain)
+    data["tasks"] = dict(row.tasks)
+    if study.steps is not None:
+        data["steps"] = study.steps
+    every = study.report_every or data["validation"]["every"]
+    data["validation"]["every"] = data["checkpoint_every"] = every
+    return PretrainConfig.model_validate(data)
+
+
+def check_rows(base: PretrainConfig, study: Study) -> None:
+    """Every row's pretraining config is valid and reports the study metric; ValueError naming the row."""
+    for i, row in enumerate(study.rows):
+        try:
+            cfg = row_config(base, study, row)
+        except ValueError as err:
+            raise ValueError(f"rows[{i}] ({row.name}): {' '.join(str(err).split())}") from None
+        needs = metric_task(study.metric)
+        if needs is not None and needs not in cfg.tasks:
+            raise ValueError(f"rows[{i}] ({row.name}): the study metric {study.metric} needs the {needs} "
+                             f"task, which the row does not train")
+
+
+def metric_task(metric: str) -> str | None:
+    """The task a validation metric comes from: ``<task>_acc``, or ITM for zero-shot retrieval (``zs_*``);
+    None when the name does not say (checked against the first report instead)."""
+    if metric.startswith("zs_"):
+        return "itm"
+    return metric.removesuffix("_acc") if metric.endswith("_acc") else None
