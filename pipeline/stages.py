@@ -180,7 +180,7 @@ STAGES: dict[str, StageSpec] = {
             entry="stages.pretrain.sweep:run",
             # the study, and the pretrain section its rows start from; not registered_model (where the best
             # encoder is registered changes no result)
-            config=("pretrain", "sweep.study", "seed", "runtime.precision", "runtime.threads"),
+            config=("pretrain", "sweep.study", "runtime.precision", "runtime.threads"),
             upstream=lambda cfg: ("txtdb", "features") + (
                 ("alignment",) if cfg.sweep.study is not None
                 and any("owa" in r.tasks for r in cfg.sweep.study.rows) else ()),

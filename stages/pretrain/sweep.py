@@ -376,7 +376,7 @@ def run_study(ctx: StageContext, hooks: Sequence[Callable[[StepEvent], None]] = 
         parent_run_id=ctx.mlflow_run_id, placement=ctx.cfg.ray.placement.pretrain,
         controller_failure_limit=ctx.cfg.ray.controller_failure_limit, hooks=tuple(hooks))
     for row in study.rows:  # every row's data and budgets, before any trial starts
-        preflight(row_config(base, study, row), ctx.cfg.seed, spec.inputs())
+        preflight(row_config(base, study, row), study.seeds[0], spec.inputs())
     steps = study.steps or base.steps
     start = time.time()
     grid = build_tuner(study, base, spec, runtime, out.tune_dir).fit()
