@@ -94,6 +94,12 @@ def test_the_readme_table_is_the_eval_summary_of_the_run(graph, tmp_path):
     assert all(line in text for line in table) and evaluation.key in text
     with pytest.raises(SystemExit, match="no finished eval output"):  # another config: that run never ran
         readme_results(["--config", str(MICRO), "--workdir", str(workdir), "--readme", str(readme), "seed=5"])
+    # A named block (another world's run) is filled and the demo block left as it was.
+    readme.write_text(text + "<!-- w1:start -->\nold\n<!-- w1:end -->\n")
+    assert readme_results(["--config", str(MICRO), "--workdir", str(workdir), "--readme", str(readme),
+                           "--block", "w1"]) == 0
+    second = readme.read_text()
+    assert second.startswith(text) and "old" not in second and second.count(evaluation.key) == 2
 
 
 def test_a_damaged_feature_store_is_named_in_one_line_and_not_retried(graph, tmp_path, capfd):
