@@ -208,9 +208,8 @@ def test_a_study_runs_trials_on_tune_and_train_and_registers_the_best_encoder(lo
     assert trials[killed]["status"] == COMPLETED and trials[killed]["step"] == 8
     for name, t in trials.items():
         assert t["status"] in (COMPLETED, STOPPED), (name, t)
-        if t["status"] == STOPPED:  # stopped at the first rung (its last report), before the end
-            assert t["step"] == 4 and int((steps_dir / f"{name}.txt").read_text().split()[-1]) < 8
-            assert not out.trial(name).metrics_path.exists()
+        if t["status"] == STOPPED:  # last report at the first rung; ended by Tune before its last checkpoint
+            assert t["step"] == 4 and not out.trial(name).metrics_path.exists()
         else:
             final = json.loads(out.trial(name).metrics_path.read_text())["final"]
             assert t["metrics"] == final and {"itm_acc", "zs_ir_r1", "mlm_acc"} <= final.keys()
