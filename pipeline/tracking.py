@@ -35,6 +35,11 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): str(data)[:MAX_PARAM_LEN]}
 
 
+# MLflow 3's UI opens an experiment on the view its kind names; ours train models (runs, metrics, the model
+# registry), not GenAI traces, which the UI may otherwise infer for an experiment it has not classified.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, workdir: Path):
         self.uri = uri
@@ -43,9 +48,13 @@ class Tracker:
         if exp is None:
             # An explicit artifact root: the default would land in the current directory.
             root = (Path(workdir).resolve() / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=root)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=root,
+                                                               tags=EXPERIMENT_KIND)
         else:
             self.experiment_id = exp.experiment_id
+            for key, value in EXPERIMENT_KIND.items():
+                if exp.tags.get(key) != value:  # an experiment made before the tag, or by hand
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
 
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, Any] | None = None) -> str:
         # A REST tracking server (multi-node runs) accepts only string tag values; sqlite coerces.

@@ -122,8 +122,8 @@ def trial_run(spec: TrialSpec, row: StudyRow, seed: int, cfg: PretrainConfig) ->
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
-    """One Tune trial: pretrain ``config["row"]`` with seed ``config["seed"]``. The stage exports the model
-    afterwards: Tune ends a trial's process as soon as its last report reaches ASHA's ``max_t``."""
+    """One Tune trial: pretrain ``config["row"]`` with seed ``config["seed"]``; the stage exports the model
+    afterwards."""
     study = Study.model_validate(spec.study)
     row, seed = _row(study, config["row"]), int(config["seed"])
     cfg = row_config(PretrainConfig.model_validate(spec.base), study, row)
@@ -180,8 +180,11 @@ def concurrent_trials(study: Study, cfg: PretrainConfig, runtime: RuntimeConfig)
 def build_tuner(study: Study, base: PretrainConfig, spec: TrialSpec, runtime: RuntimeConfig,
                 storage: Path) -> tune.Tuner:
     steps = study.steps or base.steps
-    scheduler = (ASHAScheduler(time_attr="step", max_t=steps, grace_period=study.asha.grace_steps,
-                               reduction_factor=study.asha.reduction_factor)
+    # No decision at the last step: ASHA stops a trial whose report reaches max_t (or a rung there), and Tune
+    # then kills the trial's process while Train may still be finishing its final checkpoint. With max_t one
+    # step short every rung lies before the last report, and stop_last_trials off lets the trial end itself.
+    scheduler = (ASHAScheduler(time_attr="step", max_t=steps - 1, grace_period=study.asha.grace_steps,
+                               reduction_factor=study.asha.reduction_factor, stop_last_trials=False)
                  if study.asha.enabled else FIFOScheduler())
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"CPU": 0.01})
     return tune.Tuner(

@@ -134,7 +134,11 @@ def row_config(base: PretrainConfig, study: Study, row: StudyRow) -> PretrainCon
 
 
 def check_rows(base: PretrainConfig, study: Study) -> None:
-    """Every row's pretraining config is valid and reports the study metric; ValueError naming the row."""
+    """ASHA's grace period is within the budget, and every row's pretraining config is valid and reports the
+    study metric; ValueError naming the field or the row."""
+    steps = study.steps or base.steps
+    if study.asha.enabled and study.asha.grace_steps >= steps:
+        raise ValueError(f"asha.grace_steps ({study.asha.grace_steps}) must be below the step budget ({steps})")
     for i, row in enumerate(study.rows):
         try:
             cfg = row_config(base, study, row)
