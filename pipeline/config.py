@@ -98,7 +98,11 @@ class PipelineConfig(BaseModel):
     def _distinct_seeds(self) -> PipelineConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds lists a seed twice: {self.seeds}")
-        if self.sweep.study is not None:
+        study = self.sweep.study
+        if study is not None and study.config not in (None, self.name):
+            raise ValueError(f"sweep.study: study {study.name!r} is written for config {study.config!r} "
+                             f"(--config configs/{study.config}.yaml), not {self.name!r}")
+        if study is not None:
             try:
                 check_rows(self.pretrain, self.sweep.study)
             except ValueError as err:

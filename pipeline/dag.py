@@ -32,7 +32,8 @@ from worldgen.mirror import Mirror
 
 log = logging.getLogger("vlp.pipeline")
 
-# What `--stage all` runs to; every other stage is upstream of one of these.
+# What `--stage all` runs to (and the sweep, when a study is configured); every other stage is upstream of
+# one of these.
 TERMINAL = ("finetune", "eval")
 
 
@@ -91,7 +92,8 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
     if target != ALL and target not in STAGES:
         raise ValueError(f"unknown stage {target!r}; choose from {', '.join([*STAGES, ALL])}")
     seeds = list(cfg.seeds) or [cfg.seed]
-    targets = TERMINAL if target == ALL else (target,)
+    targets = ((*TERMINAL, *(("sweep",) if cfg.sweep.study is not None else ())) if target == ALL
+               else (target,))
     digests: dict[str, str] = {}  # per entry module: the per-task stages share theirs
 
     def key_of(name: str, seed_cfg: PipelineConfig, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:

@@ -18,6 +18,7 @@ import mlflow.pytorch
 import pytest
 import ray
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 from test_pretrain import build_store
@@ -64,16 +65,17 @@ def test_a_row_is_the_pretrain_section_with_its_tasks_settings_and_the_study_bud
 
 def test_a_bad_study_stops_the_config_with_one_line_naming_the_row(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text("name: s\nrows:\n  - {name: a, tasks: {mlm: 1, itm: 1}}\n"
+    path.write_text("name: s\nasha: {enabled: false}\nrows:\n  - {name: a, tasks: {mlm: 1, itm: 1}}\n"
                     "  - {name: b, tasks: {mlm: 1}}\n")
     with pytest.raises(ConfigError, match=r"sweep\.study\.rows\[1\] \(b\): the study metric itm_acc needs "
                                           r"the itm task"):
         load_config(TINY, [f"sweep.study={path}"])
-    path.write_text("name: s\nrows:\n  - {name: a, tasks: {mlm: 1, itm: 1}, pretrain: {masking: sideways}}\n")
+    path.write_text("name: s\nasha: {enabled: false}\n"
+                    "rows:\n  - {name: a, tasks: {mlm: 1, itm: 1}, pretrain: {masking: sideways}}\n")
     with pytest.raises(ConfigError, match=r"sweep\.study\.rows\[0\] \(a\): .*masking"):
         load_config(TINY, [f"sweep.study={path}"])
     path.write_text("name: s\nsteps: 40\nasha: {grace_steps: 40}\nrows:\n  - {name: a, tasks: {mlm: 1, itm: 1}}\n")
-    with pytest.raises(ConfigError, match=r"sweep\.study: asha\.grace_steps \(40\) must be below the step "
+    with pytest.raises(ConfigError, match=r"sweep\.study\.asha\.grace_steps \(40\) must be below the step "
                                           r"budget \(40\)"):
         load_config(TINY, [f"sweep.study={path}"])
     with pytest.raises(ConfigError, match=r"sweep\.study: .*study file .*nowhere\.yaml not found"):
@@ -86,10 +88,16 @@ def test_a_bad_study_stops_the_config_with_one_line_naming_the_row(tmp_path):
         study(rows=[{"name": "a/b", "tasks": {"itm": 1}}])
 
 
-def test_the_ready_studies_load(tmp_path):
-    for path in sorted((TINY.parent / "sweeps").glob("*.yaml")):
-        cfg = load_config(TINY, [f"sweep.study={path}"])
-        assert cfg.sweep.study.rows, path
+def test_the_ready_studies_load_with_the_config_they_name_and_no_other():
+    studies = sorted((TINY.parent / "sweeps").glob("*.yaml"))
+    assert {p.stem for p in studies} >= {"demo", "uniter_table2", "codis", "laviter", "object_word"}
+    for path in studies:
+        config = Study.model_validate(yaml.safe_load(path.read_text())).config or "demo"
+        cfg = load_config(TINY.parent / f"{config}.yaml", [f"sweep.study={path}"])
+        assert cfg.sweep.study.rows and cfg.sweep.study.name == path.stem, path
+    with pytest.raises(ConfigError, match=r"sweep\.study: study 'codis' is written for config 'codis' "
+                                          r"\(--config configs/codis\.yaml\), not 'tiny'"):
+        load_config(TINY, [f"sweep.study={TINY.parent / 'sweeps' / 'codis.yaml'}"])
 
 
 def trial(row, seed, status, **metrics):

@@ -58,6 +58,9 @@ class Study(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    # The pipeline config (its ``name``) the study is written for, when its rows build on that config's
+    # pretrain section or data (CODIS's teacher and queues, UNITER's in-domain mix); another is refused.
+    config: str | None = None
     rows: list[StudyRow] = Field(min_length=1)
     seeds: list[int] = Field([0], min_length=1)
     steps: int | None = Field(None, ge=1)  # optimizer steps per trial; None: pretrain.steps
