@@ -20,7 +20,7 @@ import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from ray import cloudpickle
+from ray import cloudpickle, tune
 from test_pretrain import build_store
 
 from pipeline.config import ConfigError, RayConfig, load_config
@@ -31,6 +31,7 @@ from stages.pretrain.sweep import (
     COMPLETED,
     FAILED,
     STOPPED,
+    TRIAL_RESOURCES,
     best_trial,
     comparison,
     run_study,
@@ -74,7 +75,8 @@ def test_a_bad_study_stops_the_config_with_one_line_naming_the_row(tmp_path):
                     "rows:\n  - {name: a, tasks: {mlm: 1, itm: 1}, pretrain: {masking: sideways}}\n")
     with pytest.raises(ConfigError, match=r"sweep\.study\.rows\[0\] \(a\): .*masking"):
         load_config(TINY, [f"sweep.study={path}"])
-    path.write_text("name: s\nsteps: 40\nasha: {grace_steps: 40}\nrows:\n  - {name: a, tasks: {mlm: 1, itm: 1}}\n")
+    path.write_text("name: s\nsteps: 40\nasha: {grace_steps: 40}\n"
+                    "rows:\n  - {name: a, tasks: {mlm: 1, itm: 1}}\n")
     with pytest.raises(ConfigError, match=r"sweep\.study\.asha\.grace_steps \(40\) must be below the step "
                                           r"budget \(40\)"):
         load_config(TINY, [f"sweep.study={path}"])
@@ -180,6 +182,20 @@ def local_ray():
     yield
     ray.shutdown()
     os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+
+def test_a_trial_holds_no_cpu_so_its_train_workers_can_take_every_cpu(local_ray, tmp_path):
+    @ray.remote(num_cpus=2)  # what a demo trial's two Train workers hold on this 2-CPU cluster
+    def every_cpu():
+        return True
+
+    def trial(config):
+        # Train places its workers in a placement group of its own, outside the trial's.
+        tune.report({"ran": ray.get(every_cpu.options(scheduling_strategy="DEFAULT").remote(), timeout=30)})
+
+    grid = tune.Tuner(tune.with_resources(trial, TRIAL_RESOURCES),
+                      run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0)).fit()
+    assert [r.metrics.get("ran") for r in grid] == [True], [r.error for r in grid]
 
 
 @pytest.mark.slow

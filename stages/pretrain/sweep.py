@@ -6,9 +6,9 @@ Ray 2.60 (Train V2) cannot take a trainer as a Tune trainable: each trial is a f
 its own TorchTrainer, with Tune's ``TuneReportCallback`` forwarding every ``ray.train.report`` (rank 0's
 validation metrics at ``report_every`` steps) to the trial, so ASHA sees them. The trial's storage is
 ``trials/<row>-s<seed>/ray_train`` (named by row and seed, never by time): a trial Tune retries after a
-failure resumes from its last checkpoint. Trials ask Tune for a token 0.01 CPU (their Train workers hold the
-CPUs) and at most ``cluster CPUs // (workers x threads)`` run at once, so trials never wait on each other's
-workers.
+failure resumes from its last checkpoint. A trial asks Tune for no CPU (``TRIAL_RESOURCES``: its Train workers
+hold the CPUs, and may take all of them) and at most ``cluster CPUs // (workers x threads)`` run at once, so
+trials never wait on each other's workers.
 
 MLflow: the stage's run is the study's parent; each trial gets a nested run (params: row, seed, the row's
 tasks and settings; metrics: the training and validation curves, logged live by rank 0), reused when the
@@ -52,6 +52,10 @@ from stages.pretrain.sweep_config import Study, StudyRow, row_config
 from vlp.train.runtime import RuntimeConfig
 
 COMPLETED, STOPPED, FAILED = "completed", "stopped_by_asha", "failed"
+# A trial's own request: Tune needs a non-empty one, and any CPU in it (a token 0.01 included) is missing
+# when the trial's Train workers ask for every CPU of the cluster (2 workers x 1 CPU on 2 cores never start).
+# Memory is a resource every node has; 1 MiB of it never binds.
+TRIAL_RESOURCES = {"memory": 1 << 20}
 CHAMPION = "champion"
 
 
@@ -186,7 +190,7 @@ def build_tuner(study: Study, base: PretrainConfig, spec: TrialSpec, runtime: Ru
     scheduler = (ASHAScheduler(time_attr="step", max_t=steps - 1, grace_period=study.asha.grace_steps,
                                reduction_factor=study.asha.reduction_factor, stop_last_trials=False)
                  if study.asha.enabled else FIFOScheduler())
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"CPU": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), TRIAL_RESOURCES)
     return tune.Tuner(
         trainable,
         param_space={"row": tune.grid_search([r.name for r in study.rows]),

@@ -141,7 +141,8 @@ def check_rows(base: PretrainConfig, study: Study) -> None:
     study metric; ValueError naming the field or the row."""
     steps = study.steps or base.steps
     if study.asha.enabled and study.asha.grace_steps >= steps:
-        raise ValueError(f"asha.grace_steps ({study.asha.grace_steps}) must be below the step budget ({steps})")
+        raise ValueError(f"asha.grace_steps ({study.asha.grace_steps}) must be below the step budget "
+                         f"({steps})")
     for i, row in enumerate(study.rows):
         try:
             cfg = row_config(base, study, row)
