@@ -20,6 +20,7 @@ if sys.path and Path(sys.path[0]).resolve() == _HERE:  # run as a script: import
 
 import ray  # noqa: E402
 import yaml  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline.cache import StageStore, file_lock  # noqa: E402
 from pipeline.cluster import (  # noqa: E402
@@ -107,9 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     for o in outcomes:
         state = "cached, skipped" if o.cached else f"ran in {o.seconds:.1f}s"
         print(f"{o.name:10s} {state:18s} {o.output_dir}")
-    # A server started for this run is gone by now: browse the store it wrote.
-    print(f"MLflow: mlflow ui --backend-store-uri {store_uri}  (parent run {parent})")
+    # A server started for this run is gone by now: browse the store it wrote. MLflow 3's UI opens an
+    # experiment on its GenAI view unless the URL asks for the model-training one.
+    print(f"MLflow: mlflow ui --backend-store-uri {store_uri}  (parent run {parent}); then open "
+          f"http://127.0.0.1:5000/#/experiments/{MlflowClient(store_uri).get_run(parent).info.experiment_id}"
+          f"/runs?{UI_VIEW}")
     return 0
+
+
+UI_VIEW = "workflowType=machine_learning"
 
 
 def _run_graph(cfg, args, stages, workdir: Path, uri: str, gcs: str | None, own_ray: bool):

@@ -68,12 +68,16 @@ def test_eval_summary_covers_every_configured_task(graph):
         assert {"pretrained", "scratch"} <= row["values"].keys(), row
 
 
-def test_a_second_invocation_is_served_from_cache(graph):
+def test_a_second_invocation_is_served_from_cache(graph, capsys):
     workdir, stages = graph
     assert invoke(workdir) == 0
-    _, children = runs_by_parent(workdir)[-1]
+    parent, children = runs_by_parent(workdir)[-1]
     assert len(children) == len(stages)
     assert {r.data.tags["cached"] for r in children} == {"true"}
+    # Where to browse it: MLflow's UI on the experiment's model-training view.
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith(f"then open http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs"
+                         "?workflowType=machine_learning"), last
 
 
 def test_the_readme_table_is_the_eval_summary_of_the_run(graph, tmp_path):
