@@ -114,7 +114,10 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
     for seed in seeds:
         seed_cfg = cfg.model_copy(update={"seed": seed})
         keys[seed], subsets[seed] = {}, {}
-        for name in _closure(seed_cfg, targets):
+        # `--stage all` runs the study once, on the first seed's inputs: it has seeds of its own.
+        seed_targets = (targets if target != ALL or seed == seeds[0]
+                        else tuple(t for t in targets if t != "sweep"))
+        for name in _closure(seed_cfg, seed_targets):
             order += [name] if name not in order else []
             if across(name):
                 continue
@@ -122,7 +125,7 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
             keys[seed][name], subsets[seed][name] = key_of(name, seed_cfg, inputs)
 
     def label(name: str, seed: int) -> str:
-        varies = len({keys[s][name] for s in seeds}) > 1
+        varies = len({keys[s][name] for s in seeds if name in keys[s]}) > 1
         return f"{name}@{seed}" if varies else name
 
     planned: dict[str, PlannedStage] = {}
@@ -137,6 +140,8 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
                                          forced, name, seeds[0], needs)
             continue
         for seed in seeds:
+            if name not in keys[seed]:
+                continue
             here = label(name, seed)
             if here in planned:
                 continue

@@ -195,8 +195,17 @@ def test_seeds_plan_each_seed_dependent_stage_once_per_seed_and_reuse_the_rest(t
     from pipeline.config import load_config
     from pipeline.dag import plan
 
-    one = {p.name: p for p in plan(load_config(None, ["seed=1"]), "all", StageStore(tmp_path))}
-    two = {p.label: p for p in plan(load_config(None, ["seeds=[0,1]"]), "all", StageStore(tmp_path))}
+    # The demo's loss study runs once whatever the seeds (it has seeds of its own), on the first seed's
+    # inputs, after every seed's pretraining.
+    with_study = {p.label: p for p in plan(load_config(None, ["seeds=[0,1]"]), "all", StageStore(tmp_path))}
+    assert [label for label in with_study if "sweep" in label] == ["sweep"]
+    assert with_study["sweep"].inputs["features"] == with_study["features@0"].key
+    assert "pretrain@1" in with_study["sweep"].needs
+
+    no_study = ["sweep.study=null"]
+    one = {p.name: p for p in plan(load_config(None, ["seed=1", *no_study]), "all", StageStore(tmp_path))}
+    two = {p.label: p for p in plan(load_config(None, ["seeds=[0,1]", *no_study]), "all",
+                                    StageStore(tmp_path))}
     shared = {"world", "download", "dedup", "txtdb", "karpathy_txtdb"}
     per_seed = {name for name in one if name not in shared | {"finetune", "eval"}}
     # Stages that read the root seed, and everything downstream of them, run once per seed.
@@ -208,7 +217,8 @@ def test_seeds_plan_each_seed_dependent_stage_once_per_seed_and_reuse_the_rest(t
     assert two["pretrain@1"].inputs == one["pretrain"].inputs and two["pretrain@1"].seed == 1
     # Pretraining runs alone (its Ray Train workers would race other stages' tasks for the CPUs): after
     # everything upstream of any seed's, one seed after another, and before everything else.
-    labels = [p.label for p in plan(load_config(None, ["seeds=[0,1]"]), "all", StageStore(tmp_path))]
+    labels = [p.label for p in plan(load_config(None, ["seeds=[0,1]", *no_study]), "all",
+                                    StageStore(tmp_path))]
     first, second = labels.index("pretrain@0"), labels.index("pretrain@1")
     assert {"detector@1", "features@1"} <= set(two["pretrain@0"].needs)
     assert "pretrain@0" in two["pretrain@1"].needs
