@@ -138,6 +138,9 @@ def _run_graph(cfg, args, stages, workdir: Path, uri: str, gcs: str | None, own_
             {"uri": uri, "experiment": cfg.tracking.experiment, "parent_run_id": parent},
             runtime_env=runtime_env(gcs) if gcs else None,
         )
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (`ray job stop`; ray.init makes it exit)
+        tracker.end_interrupted(parent)
+        raise
     except Exception as err:  # noqa: BLE001 - turned into one line for the user, traceback for the rest
         cause = _root_cause(err)
         tracker.end(parent, "FAILED")

@@ -86,3 +86,22 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def end_interrupted(self, parent_id: str) -> None:
+        """An interrupted invocation: its run and every run under it still RUNNING (stage runs, a sweep's
+        trial runs) end KILLED, so that the UI never shows them running forever."""
+        running = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                          max_results=10_000)
+        parent_of = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in running}
+
+        def under(run_id: str | None) -> bool:
+            while run_id is not None and run_id != parent_id:
+                if run_id not in parent_of:  # an ancestor that already ended
+                    parent_of[run_id] = self.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+                run_id = parent_of[run_id]
+            return run_id == parent_id
+
+        for run in running:
+            if run.info.run_id != parent_id and under(run.info.run_id):
+                self.end(run.info.run_id, "KILLED")
+        self.end(parent_id, "KILLED")

@@ -173,3 +173,48 @@ def test_paths_from_config_never_leave_the_work_dir(tmp_path, capsys):
     # Dataset and role names become directory and file names: only plain names are accepted.
     with pytest.raises(ConfigError, match="download.datasets"):
         load_config(TINY, ["download.datasets.coco.files.x/../../y=http://x.org/a.json"])
+
+
+@pytest.mark.slow
+def test_a_terminated_run_leaves_nothing_running_in_mlflow_or_on_the_machine(tmp_path):
+    # D9: `ray job stop` (SIGTERM to the driver) left the invocation's run and its stage's run RUNNING in
+    # MLflow forever.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    command = [sys.executable, str(REPO_ROOT / "pipeline" / "run.py"), "--config", str(TINY), "--workdir",
+               str(tmp_path), "--stage", "download"]
+    log = tmp_path / "run.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def runs() -> dict[str, str]:
+        exp = client.get_experiment_by_name("vlp-pipeline") if (tmp_path / "mlflow.db").exists() else None
+        return {} if exp is None else {r.info.run_name: r.info.status for r in client.search_runs(
+            [exp.experiment_id])}
+
+    deadline = time.monotonic() + 180
+    while runs().get("download") != "RUNNING":
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    assert runs() == {"tiny:download": "KILLED", "world": "FINISHED", "download": "KILLED"}, log.read_text()
+    assert not (tmp_path / "download").exists() or not [
+        p for p in (tmp_path / "download").iterdir() if not p.name.startswith(".")]  # nothing committed
+    # The Ray it started went with it (its processes share the run's session).
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, subprocess.run(["ps", "-o", "pid,args", "-g", str(proc.pid)],
+                                                           capture_output=True, text=True).stdout
+        time.sleep(0.5)
