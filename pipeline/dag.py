@@ -300,10 +300,21 @@ def record_cached(ps: PlannedStage, workdir: Path, tracking: dict[str, str]) -> 
                          f"was it removed during the run? Run again")
     log.info("%s: cached (key %s), skipping", ps.label, ps.key)
     tracker, run_id = _start_child_run(ps, tracking, workdir)
-    try:
+    with _ended_on_error(tracker, run_id):
         return _record(ps, manifest, store, tracker, run_id, start)
-    except BaseException:
+
+
+@contextmanager
+def _ended_on_error(tracker: Tracker, run_id: str) -> Iterator[None]:
+    """A stage run whose stage raises ends FAILED; an interrupted one (Ctrl-C, SIGTERM, a cancelled task)
+    KILLED."""
+    try:
+        yield
+    except Exception:
         tracker.end(run_id, "FAILED")
+        raise
+    except BaseException:
+        tracker.end(run_id, "KILLED")
         raise
 
 
@@ -322,7 +333,7 @@ def _run_stage(
     store = StageStore(Path(workdir))
     tracker, run_id = _start_child_run(ps, tracking, Path(workdir))
     start = time.time()
-    try:
+    with _ended_on_error(tracker, run_id):
         # Another invocation on this work dir may be computing the same output: wait for it.
         with store.lock(ps.name, ps.key, lambda: log.info(
                 "%s: waiting for another run computing key %s in this work dir", ps.label, ps.key)):
@@ -333,9 +344,6 @@ def _run_stage(
             else:
                 manifest = _compute(ps, cfg_data, store, Path(workdir), run_id, tracking["uri"], start)
         return _record(ps, manifest, store, tracker, run_id, start)
-    except BaseException:
-        tracker.end(run_id, "FAILED")
-        raise
 
 
 def execute(
