@@ -99,12 +99,12 @@ class PipelineConfig(BaseModel):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds lists a seed twice: {self.seeds}")
         study = self.sweep.study
-        if study is not None and study.config not in (None, self.name):
-            raise ValueError(f"sweep.study: study {study.name!r} is written for config {study.config!r} "
-                             f"(--config configs/{study.config}.yaml), not {self.name!r}")
         if study is not None:
+            if study.config not in (None, self.name):
+                raise ValueError(f"sweep.study: study {study.name!r} is written for config {study.config!r} "
+                                 f"(--config configs/{study.config}.yaml), not {self.name!r}")
             try:
-                check_rows(self.pretrain, self.sweep.study)
+                check_rows(self.pretrain, study)
             except ValueError as err:
                 raise ValueError(f"sweep.study.{err}") from None
         return self

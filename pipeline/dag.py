@@ -114,12 +114,9 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
     for seed in seeds:
         seed_cfg = cfg.model_copy(update={"seed": seed})
         keys[seed], subsets[seed] = {}, {}
-        # `--stage all` runs the study once, on the first seed's inputs: it has seeds of its own.
-        seed_targets = (targets if target != ALL or seed == seeds[0]
-                        else tuple(t for t in targets if t != "sweep"))
-        for name in _closure(seed_cfg, seed_targets):
+        for name in _closure(seed_cfg, targets):
             order += [name] if name not in order else []
-            if across(name):
+            if across(name) or (STAGES[name].first_seed_only and seed != seeds[0]):
                 continue
             inputs = {up: keys[seed][up] for up in STAGES[name].upstream(seed_cfg)}
             keys[seed][name], subsets[seed][name] = key_of(name, seed_cfg, inputs)

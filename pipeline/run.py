@@ -112,11 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     # experiment on its GenAI view unless the URL asks for the model-training one.
     print(f"MLflow: mlflow ui --backend-store-uri {store_uri}  (parent run {parent}); then open "
           f"http://127.0.0.1:5000/#/experiments/{MlflowClient(store_uri).get_run(parent).info.experiment_id}"
-          f"/runs?{UI_VIEW}")
+          "/runs?workflowType=machine_learning")
     return 0
-
-
-UI_VIEW = "workflowType=machine_learning"
 
 
 def _run_graph(cfg, args, stages, workdir: Path, uri: str, gcs: str | None, own_ray: bool):

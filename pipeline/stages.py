@@ -47,6 +47,8 @@ class StageSpec:
     output: type[StageOutput] = StageOutput
     # Run once over every seed of ``seeds`` (its inputs named "<stage>@<seed>"), not once per seed.
     across_seeds: bool = False
+    # It has seeds of its own (a study): planned once, on the first seed's inputs, whatever ``seeds``.
+    first_seed_only: bool = False
     # Its Ray Train workers take the cluster's CPUs for the whole run, and give up when they cannot be placed
     # in time: so it runs alone, after every stage upstream of any of its seeds, one seed after another,
     # and every other stage waits for it (raced by other stages' tasks, its workers timed out unplaced).
@@ -185,6 +187,7 @@ STAGES: dict[str, StageSpec] = {
                 ("alignment",) if cfg.sweep.study is not None
                 and any("owa" in r.tasks for r in cfg.sweep.study.rows) else ()),
             files=lambda cfg: (cfg.pretrain.model.init_from_bert,),
+            first_seed_only=True,
             # its trials' Ray Train workers take the cluster's CPUs, as pretraining's do
             exclusive=True,
         ),

@@ -37,7 +37,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 # MLflow 3's UI opens an experiment on the view its kind names; ours train models (runs, metrics, the model
 # registry), not GenAI traces, which the UI may otherwise infer for an experiment it has not classified.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class Tracker:
@@ -49,12 +49,11 @@ class Tracker:
             # An explicit artifact root: the default would land in the current directory.
             root = (Path(workdir).resolve() / "mlartifacts").as_uri()
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=root,
-                                                               tags=EXPERIMENT_KIND)
+                                                               tags={KIND_TAG: KIND})
         else:
             self.experiment_id = exp.experiment_id
-            for key, value in EXPERIMENT_KIND.items():
-                if exp.tags.get(key) != value:  # an experiment made before the tag, or by hand
-                    self.client.set_experiment_tag(self.experiment_id, key, value)
+            if exp.tags.get(KIND_TAG) != KIND:  # an experiment made before the tag, or by hand
+                self.client.set_experiment_tag(self.experiment_id, KIND_TAG, KIND)
 
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, Any] | None = None) -> str:
         # A REST tracking server (multi-node runs) accepts only string tag values; sqlite coerces.

@@ -214,14 +214,9 @@ def collect(grid: tune.ResultGrid, study: Study, base: PretrainConfig, inputs: P
         trial = {"trial": trial_name(row, seed), "row": row, "seed": seed,
                  "step": int(reported.get("step", 0)), "error": None}
         checkpoint = final_checkpoint(out.trial(trial["trial"]), steps)
-        final = None
         if checkpoint is not None:
-            try:
-                final = export_trial(study, base, inputs, trial, checkpoint, out)
-            except (RuntimeError, OSError, EOFError):  # Tune ended the trial mid-write of it
-                final = None
-        if final is not None:
-            trial |= {"status": COMPLETED, "step": steps, "metrics": final}
+            trial |= {"status": COMPLETED, "step": steps,
+                      "metrics": export_trial(study, base, inputs, trial, checkpoint, out)}
         else:
             last = {k: v for k, v in reported.items() if k != "step" and not k.startswith("time")}
             trial |= {"status": FAILED if result.error is not None else STOPPED, "metrics": last}
