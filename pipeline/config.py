@@ -95,7 +95,7 @@ class PipelineConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _distinct_seeds(self) -> PipelineConfig:
+    def _consistent(self) -> PipelineConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds lists a seed twice: {self.seeds}")
         study = self.sweep.study
@@ -107,6 +107,9 @@ class PipelineConfig(BaseModel):
                 check_rows(self.pretrain, study)
             except ValueError as err:
                 raise ValueError(f"sweep.study.{err}") from None
+        elif self.finetune.encoder == "sweep":
+            raise ValueError("finetune.encoder: 'sweep' starts finetuning from the loss study's best trial, "
+                             "but sweep.study names no study")
         return self
 
     def subset(self, paths: tuple[str, ...]) -> dict[str, Any]:

@@ -116,7 +116,10 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
         keys[seed], subsets[seed] = {}, {}
         for name in _closure(seed_cfg, targets):
             order += [name] if name not in order else []
-            if across(name) or (STAGES[name].first_seed_only and seed != seeds[0]):
+            if across(name):
+                continue
+            if STAGES[name].first_seed_only and seed != seeds[0]:  # every seed's consumers read the one run
+                keys[seed][name], subsets[seed][name] = keys[seeds[0]][name], subsets[seeds[0]][name]
                 continue
             inputs = {up: keys[seed][up] for up in STAGES[name].upstream(seed_cfg)}
             keys[seed][name], subsets[seed][name] = key_of(name, seed_cfg, inputs)

@@ -206,7 +206,7 @@ STAGES: dict[str, StageSpec] = {
                 args=(task,),
                 config=("finetune.common", f"finetune.{task}", "seed", "runtime.precision", "runtime.threads",
                         "runtime.skip_missing_images"),
-                upstream=lambda cfg, task=task: finetune_upstream(task),
+                upstream=lambda cfg, task=task: finetune_upstream(task, cfg.finetune.encoder),
                 cpus=lambda cfg: cfg.runtime.threads,
             )
             for task in TASK_NAMES
@@ -227,7 +227,7 @@ STAGES: dict[str, StageSpec] = {
                 args=(task,),
                 config=("eval.common", f"eval.splits.{task}", "runtime.eval_precision", "runtime.threads",
                         "runtime.skip_missing_images") + (("eval.retrieval",) if task == "retrieval" else ()),
-                upstream=lambda cfg, task=task: eval_upstream(task),
+                upstream=lambda cfg, task=task: eval_upstream(task, cfg.finetune.encoder),
                 cpus=lambda cfg: cfg.runtime.threads,
             )
             for task in TASK_NAMES

@@ -202,6 +202,16 @@ def test_seeds_plan_each_seed_dependent_stage_once_per_seed_and_reuse_the_rest(t
     assert with_study["sweep"].inputs["features"] == with_study["features@0"].key
     assert "pretrain@1" in with_study["sweep"].needs
 
+    # finetune.encoder: sweep: every seed's finetuning and evaluation start from the study's best trial, and
+    # the plain pretraining runs nowhere.
+    from_study = {p.label: p for p in plan(load_config(None, ["seeds=[0,1]", "finetune.encoder=sweep"]), "all",
+                                           StageStore(tmp_path))}
+    assert not any(label.startswith("pretrain") for label in from_study)
+    for seed in (0, 1):
+        for stage in (f"finetune_vqa@{seed}", f"eval_retrieval@{seed}"):
+            assert from_study[stage].inputs["sweep"] == with_study["sweep"].key
+            assert "sweep" in from_study[stage].needs and "pretrain" not in from_study[stage].inputs
+
     no_study = ["sweep.study=null"]
     one = {p.name: p for p in plan(load_config(None, ["seed=1", *no_study]), "all", StageStore(tmp_path))}
     two = {p.label: p for p in plan(load_config(None, ["seeds=[0,1]", *no_study]), "all",

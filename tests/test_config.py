@@ -146,3 +146,9 @@ def test_task_options_are_typed_and_checked_when_the_config_loads():
         load_config(DEFAULT_CONFIG, ["finetune.vqa.options.min_cnt=2"])
     with pytest.raises(ConfigError, match=r"unknown key 'finetune.vqa.options.skip_missing'"):
         load_config(DEFAULT_CONFIG, ["finetune.vqa.options.skip_missing=true"])  # runtime.skip_missing_images
+
+
+def test_finetuning_from_the_sweep_needs_a_study():
+    with pytest.raises(ConfigError, match=r"finetune.encoder: 'sweep' starts finetuning from the loss study's "
+                                          r"best trial, but sweep.study names no study"):
+        load_config(None, ["finetune.encoder=sweep", "sweep.study=null"])

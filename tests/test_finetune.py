@@ -580,3 +580,32 @@ def test_finetuning_again_gives_the_same_model(finetuned, tmp_path):
             a = torch.load(first / variant / rel, weights_only=True)
             b = torch.load(tmp_path / "vqa" / variant / rel, weights_only=True)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (variant, rel)
+
+
+def test_finetune_encoder_sweep_starts_from_the_studys_best_trial(finetuned, tmp_path):
+    root, inputs, cfg, _, _ = finetuned
+    # A study of two trials: the best (b-s0) holds the pretrain stage's model, the other a perturbed copy.
+    sweep = tmp_path / "sweep"
+    for trial in ("a-s0", "b-s0"):
+        shutil.copytree(inputs["pretrain"], sweep / "trials" / trial)
+    perturbed = sweep / "trials" / "a-s0" / "model" / "model.pt"
+    weights = torch.load(perturbed, weights_only=True)
+    torch.save({k: v + 0.5 if v.is_floating_point() else v for k, v in weights.items()}, perturbed)
+    (sweep / "best.json").write_text(json.dumps({"row": "b", "trial": "b-s0"}))
+
+    needed = {name: inputs.get(name, sweep) for name in finetune_upstream("vqa", "sweep")}
+    assert "sweep" in needed and "pretrain" not in needed
+    result = finetune_stage.run_task(StageContext(cfg=cfg, workdir=root, out_dir=tmp_path / "vqa",
+                                                  inputs=needed), "vqa")
+    assert result.params["encoder"] == "sweep:b-s0"
+    # The same model as finetuned from the pretrain stage, which the best trial holds.
+    first = root / "out" / "finetune_vqa" / "pretrained" / "encoder" / "model.pt"
+    a = torch.load(first, weights_only=True)
+    b = torch.load(tmp_path / "vqa" / "pretrained" / "encoder" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    (sweep / "best.json").write_text(json.dumps({"row": "a", "trial": "a-s0"}))
+    finetune_stage.run_task(StageContext(cfg=cfg, workdir=root, out_dir=tmp_path / "vqa_a", inputs=needed),
+                            "vqa")
+    c = torch.load(tmp_path / "vqa_a" / "pretrained" / "encoder" / "model.pt", weights_only=True)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stages.outputs.encoder import Encoder
 from vlp.tasks.registry import TASK_NAMES
 
 
@@ -97,13 +98,13 @@ class EvalConfig(BaseModel):
         return self.splits[task]
 
 
-def eval_upstream(task: str) -> tuple[str, ...]:
-    """Stages ``eval_<task>`` reads: its finetuned variants, the pretrained model (zero-shot retrieval,
-    tokenizer), the regions, and the task's data as in ``finetune_upstream``; retrieval also reads dedup
-    (Entities annotations and image sizes for ISDa) and the regions at the Entities boxes (entity_features);
-    RefCOCO also the regions at the COCO ground-truth boxes (gt_features); retrieval and RefCOCO read the
-    download stage's tables (the COCO instances of evaluation images, which dedup drops: LAViTeR's AIMCoS,
-    RefCOCO's boxes)."""
+def eval_upstream(task: str, encoder: Encoder = "pretrain") -> tuple[str, ...]:
+    """Stages ``eval_<task>`` reads: its finetuned variants, the pretrained model they started from (zero-shot
+    retrieval, tokenizer; ``encoder``: the pretrain or the sweep stage), the regions, and the task's data as
+    in ``finetune_upstream``; retrieval also reads dedup (Entities annotations and image sizes for ISDa) and
+    the regions at the Entities boxes (entity_features); RefCOCO also the regions at the COCO ground-truth
+    boxes (gt_features); retrieval and RefCOCO read the download stage's tables (the COCO instances of
+    evaluation images, which dedup drops: LAViTeR's AIMCoS, RefCOCO's boxes)."""
     data = {"retrieval": ("txtdb", "karpathy_txtdb", "dedup", "entity_features", "download"),
             "refcoco": ("download", "gt_features")}.get(task, ("dedup",))
-    return (f"finetune_{task}", "pretrain", "features", *data)
+    return (f"finetune_{task}", encoder, "features", *data)

@@ -34,6 +34,7 @@ from stages.eval.retrieval import (
     log_summary,
     score_modes,
 )
+from stages.outputs.encoder import encoder_name, pretrained_input
 from stages.outputs.eval import EvalOutput, Metrics, flatten, write_json
 from stages.outputs.features import EntityFeaturesOutput, FeaturesOutput
 from stages.outputs.finetune import FinetuneOutput
@@ -279,7 +280,7 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     device = default_device()
     img_db = FeaturesOutput(ctx.inputs["features"]).img_db()
-    s = Setup(ctx, cfg, runtime, PretrainOutput(ctx.inputs["pretrain"]), finetuned, variants, img_db, out,
+    s = Setup(ctx, cfg, runtime, pretrained_input(ctx.inputs), finetuned, variants, img_db, out,
               device, mixed_precision(runtime.eval_precision, device, loss_scaling=False))
     try:
         metrics, artifacts = eval_retrieval(s) if task == "retrieval" else eval_task(s, task)
@@ -288,5 +289,6 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     finally:
         img_db.close()
     out.write_metrics(metrics)
-    return StageResult(metrics=flatten(metrics), params={"task": task, "splits": cfg.splits_of(task)},
+    return StageResult(metrics=flatten(metrics), params={"task": task, "splits": cfg.splits_of(task),
+                                                         "encoder": encoder_name(ctx.inputs)},
                        artifacts=[out.metrics_path.name, *artifacts])

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stages.outputs.encoder import Encoder
 from vlp.objectives.iais import Anchor
 from vlp.tasks.common import TaskOptions
 from vlp.tasks.gqa import GQAOptions
@@ -189,6 +190,9 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: list[TaskName] = list(DEFAULT_TASKS)
+    # The pretrained model every task starts from (and zero-shot retrieval evaluates): the pretrain stage's,
+    # or the loss study's best trial (``sweep.study``), the encoder the sweep registers as @champion.
+    encoder: Encoder = "pretrain"
     common: CommonConfig = Field(default_factory=CommonConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     vqa: VqaConfig = Field(default_factory=VqaConfig)
@@ -207,11 +211,12 @@ class FinetuneConfig(BaseModel):
         return getattr(self, name)
 
 
-def finetune_upstream(task: str) -> tuple[str, ...]:
-    """Stages ``finetune_<task>`` reads: the encoder and its tokenizer (pretrain), the regions (features) and
+def finetune_upstream(task: str, encoder: Encoder = "pretrain") -> tuple[str, ...]:
+    """Stages ``finetune_<task>`` reads: the encoder and its tokenizer (``encoder``: the pretrain or the sweep
+    stage), the regions (features) and
     the task's data: retrieval texts (txtdb, karpathy_txtdb), VQA / NLVR2 / SNLI-VE tables (dedup),
     RefCOCO's table and image sizes (download: dedup drops the RefCOCO eval images' rows from the image
     shards) and its ground-truth regions (gt_features, the training split's with train_regions: gt)."""
     data = {"retrieval": ("txtdb", "karpathy_txtdb"),
             "refcoco": ("download", "gt_features")}.get(task, ("dedup",))
-    return ("pretrain", "features", *data)
+    return (encoder, "features", *data)

@@ -25,6 +25,7 @@ from torch import Tensor
 from stages.base import StageContext, StageError, StageResult
 from stages.finetune.config import FinetuneConfig, HeadTaskConfig, TrainConfig
 from stages.finetune.loop import fit
+from stages.outputs.encoder import encoder_name, pretrained_input
 from stages.outputs.features import FeaturesOutput
 from stages.outputs.finetune import FinetuneOutput
 from stages.outputs.pretrain import PretrainOutput
@@ -208,7 +209,7 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     img_db = FeaturesOutput(ctx.inputs["features"]).img_db()
     out = FinetuneOutput(ctx.out_dir)
     s = Setup(ctx, task, ctx.cfg.finetune, runtime, seed_of(ctx.cfg.seed, "finetune", task),
-              PretrainOutput(ctx.inputs["pretrain"]), out, img_db, device,
+              pretrained_input(ctx.inputs), out, img_db, device,
               mixed_precision(runtime.precision, device, loss_scaling=False))
     try:
         records = _variants(s)
@@ -220,5 +221,6 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     final = {f"{r['name']}/val/{k}": float(v) for r in records for k, v in r["val"].items()}
     steps = {f"{r['name']}/val/{k}": r["steps"] for r in records for k in r["val"]}
     final |= {f"{r['name']}/steps": float(r["steps"]) for r in records}
-    return StageResult(metrics=final, params={"task": task, "variants": [r["name"] for r in records]},
+    return StageResult(metrics=final, params={"task": task, "variants": [r["name"] for r in records],
+                                              "encoder": encoder_name(ctx.inputs)},
                        artifacts=[out.variants_path.name], metric_steps=steps)
