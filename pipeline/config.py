@@ -107,9 +107,14 @@ class PipelineConfig(BaseModel):
                 check_rows(self.pretrain, study)
             except ValueError as err:
                 raise ValueError(f"sweep.study.{err}") from None
-        elif self.finetune.encoder == "sweep":
-            raise ValueError("finetune.encoder: 'sweep' starts finetuning from the loss study's best trial, "
-                             "but sweep.study names no study")
+        if self.finetune.encoder == "sweep":
+            if study is None:
+                raise ValueError("finetune.encoder: 'sweep' starts finetuning from the loss study's best "
+                                 "trial, but sweep.study names no study")
+            if len(self.seeds) > 1 and self.features.detector.weights is None:
+                raise ValueError("finetune.encoder: 'sweep' with several seeds: the study pretrains on the "
+                                 "first seed's regions (its trained detector), which the other seeds' do not "
+                                 "share; run one seed, or give features.detector.weights")
         return self
 
     def subset(self, paths: tuple[str, ...]) -> dict[str, Any]:

@@ -203,13 +203,16 @@ def test_seeds_plan_each_seed_dependent_stage_once_per_seed_and_reuse_the_rest(t
     assert "pretrain@1" in with_study["sweep"].needs
 
     # finetune.encoder: sweep: every seed's finetuning and evaluation start from the study's best trial, and
-    # the plain pretraining runs nowhere.
-    from_study = {p.label: p for p in plan(load_config(None, ["seeds=[0,1]", "finetune.encoder=sweep"]), "all",
-                                           StageStore(tmp_path))}
+    # the plain pretraining runs nowhere (several seeds share the study's regions only with given weights).
+    weights = tmp_path / "detector.pt"
+    weights.write_bytes(b"weights")
+    given = ["seeds=[0,1]", "finetune.encoder=sweep", f"features.detector.weights={weights}"]
+    from_study = {p.label: p for p in plan(load_config(None, given), "all", StageStore(tmp_path))}
+    study_key = from_study["sweep"].key
     assert not any(label.startswith("pretrain") for label in from_study)
     for seed in (0, 1):
         for stage in (f"finetune_vqa@{seed}", f"eval_retrieval@{seed}"):
-            assert from_study[stage].inputs["sweep"] == with_study["sweep"].key
+            assert from_study[stage].inputs["sweep"] == study_key
             assert "sweep" in from_study[stage].needs and "pretrain" not in from_study[stage].inputs
 
     no_study = ["sweep.study=null"]
