@@ -204,8 +204,8 @@ STAGES: dict[str, StageSpec] = {
                 output=FinetuneOutput,
                 entry="stages.finetune.stage:run_task",
                 args=(task,),
-                config=("finetune.common", f"finetune.{task}", "seed", "runtime.precision", "runtime.threads",
-                        "runtime.skip_missing_images"),
+                config=("finetune.common", f"finetune.{task}", "finetune.encoder", "seed",
+                        "runtime.precision", "runtime.threads", "runtime.skip_missing_images"),
                 upstream=lambda cfg, task=task: finetune_upstream(task, cfg.finetune.encoder),
                 cpus=lambda cfg: cfg.runtime.threads,
             )
@@ -225,8 +225,9 @@ STAGES: dict[str, StageSpec] = {
                 output=EvalOutput,
                 entry="stages.eval.stage:run_task",
                 args=(task,),
-                config=("eval.common", f"eval.splits.{task}", "runtime.eval_precision", "runtime.threads",
-                        "runtime.skip_missing_images") + (("eval.retrieval",) if task == "retrieval" else ()),
+                config=("eval.common", f"eval.splits.{task}", "finetune.encoder", "runtime.eval_precision",
+                        "runtime.threads", "runtime.skip_missing_images")
+                + (("eval.retrieval",) if task == "retrieval" else ()),
                 upstream=lambda cfg, task=task: eval_upstream(task, cfg.finetune.encoder),
                 cpus=lambda cfg: cfg.runtime.threads,
             )

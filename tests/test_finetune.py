@@ -582,9 +582,10 @@ def test_finetuning_again_gives_the_same_model(finetuned, tmp_path):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (variant, rel)
 
 
-def test_finetune_encoder_sweep_starts_from_the_studys_best_trial(finetuned, tmp_path):
+def test_finetune_encoder_sweep_starts_from_the_trial_it_names(finetuned, tmp_path):
     root, inputs, cfg, _, _ = finetuned
-    # A study of two trials: the best (b-s0) holds the pretrain stage's model, the other a perturbed copy.
+    # A study of three trials: the best (b-s0) holds the pretrain stage's model, a-s0 a perturbed copy, and
+    # b-s1 (the other seed of row b) was stopped by ASHA.
     sweep = tmp_path / "sweep"
     for trial in ("a-s0", "b-s0"):
         shutil.copytree(inputs["pretrain"], sweep / "trials" / trial)
@@ -592,20 +593,34 @@ def test_finetune_encoder_sweep_starts_from_the_studys_best_trial(finetuned, tmp
     weights = torch.load(perturbed, weights_only=True)
     torch.save({k: v + 0.5 if v.is_floating_point() else v for k, v in weights.items()}, perturbed)
     (sweep / "best.json").write_text(json.dumps({"row": "b", "trial": "b-s0"}))
-
+    trials = [{"trial": "a-s0", "row": "a", "status": "completed", "metrics": {"itm_acc": 0.9}},
+              {"trial": "b-s0", "row": "b", "status": "completed", "metrics": {"itm_acc": 0.8}},
+              {"trial": "b-s1", "row": "b", "status": "stopped_by_asha", "metrics": {"itm_acc": 0.95}}]
+    (sweep / "study.json").write_text(json.dumps({"study": {"metric": "itm_acc", "mode": "max"},
+                                                  "trials": trials}))
     needed = {name: inputs.get(name, sweep) for name in finetune_upstream("vqa", "sweep")}
     assert "sweep" in needed and "pretrain" not in needed
-    result = finetune_stage.run_task(StageContext(cfg=cfg, workdir=root, out_dir=tmp_path / "vqa",
-                                                  inputs=needed), "vqa")
-    assert result.params["encoder"] == "sweep:b-s0"
-    # The same model as finetuned from the pretrain stage, which the best trial holds.
-    first = root / "out" / "finetune_vqa" / "pretrained" / "encoder" / "model.pt"
-    a = torch.load(first, weights_only=True)
-    b = torch.load(tmp_path / "vqa" / "pretrained" / "encoder" / "model.pt", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    (sweep / "best.json").write_text(json.dumps({"row": "a", "trial": "a-s0"}))
-    finetune_stage.run_task(StageContext(cfg=cfg, workdir=root, out_dir=tmp_path / "vqa_a", inputs=needed),
-                            "vqa")
-    c = torch.load(tmp_path / "vqa_a" / "pretrained" / "encoder" / "model.pt", weights_only=True)
-    assert not all(torch.equal(a[k], c[k]) for k in a)
+    def finetune(encoder: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        settings = cfg.finetune.model_copy(update={"encoder": encoder})
+        out = tmp_path / encoder.replace(":", "_")
+        ctx = StageContext(cfg=SimpleNamespace(**{**vars(cfg), "finetune": settings}), workdir=root,
+                           out_dir=out, inputs=needed)
+        result = finetune_stage.run_task(ctx, "vqa")
+        return result.params, torch.load(out / "pretrained" / "encoder" / "model.pt", weights_only=True)
+
+    from_pretrain = torch.load(root / "out" / "finetune_vqa" / "pretrained" / "encoder" / "model.pt",
+                               weights_only=True)
+    # The study's best and row b's best completed seed are b-s0, which holds the pretrain stage's model: the
+    # same finetuned model as from the pretrain stage.
+    for encoder in ("sweep", "sweep:b"):
+        params, model = finetune(encoder)
+        assert params["encoder"] == "sweep:b-s0"
+        assert model.keys() == from_pretrain.keys()
+        assert all(torch.equal(model[k], from_pretrain[k]) for k in model), encoder
+    params, model = finetune("sweep:a-s0")
+    assert params["encoder"] == "sweep:a-s0"
+    assert not all(torch.equal(model[k], from_pretrain[k]) for k in model)
+    with pytest.raises(StageError, match=r"study.json: trial 'b-s1' is stopped_by_asha "
+                                         r"\(trials: a-s0, b-s0, b-s1\)"):
+        finetune("sweep:b-s1")

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stages.outputs.encoder import Encoder
+from stages.outputs.encoder import encoder_stage
 from vlp.tasks.registry import TASK_NAMES
 
 
@@ -98,7 +98,7 @@ class EvalConfig(BaseModel):
         return self.splits[task]
 
 
-def eval_upstream(task: str, encoder: Encoder = "pretrain") -> tuple[str, ...]:
+def eval_upstream(task: str, encoder: str = "pretrain") -> tuple[str, ...]:
     """Stages ``eval_<task>`` reads: its finetuned variants, the pretrained model they started from (zero-shot
     retrieval, tokenizer; ``encoder``: the pretrain or the sweep stage), the regions, and the task's data as
     in ``finetune_upstream``; retrieval also reads dedup (Entities annotations and image sizes for ISDa) and
@@ -107,4 +107,4 @@ def eval_upstream(task: str, encoder: Encoder = "pretrain") -> tuple[str, ...]:
     evaluation images, which dedup drops: LAViTeR's AIMCoS, RefCOCO's boxes)."""
     data = {"retrieval": ("txtdb", "karpathy_txtdb", "dedup", "entity_features", "download"),
             "refcoco": ("download", "gt_features")}.get(task, ("dedup",))
-    return (f"finetune_{task}", encoder, "features", *data)
+    return (f"finetune_{task}", encoder_stage(encoder), "features", *data)

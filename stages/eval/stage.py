@@ -280,7 +280,8 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     device = default_device()
     img_db = FeaturesOutput(ctx.inputs["features"]).img_db()
-    s = Setup(ctx, cfg, runtime, pretrained_input(ctx.inputs), finetuned, variants, img_db, out,
+    encoder = ctx.cfg.finetune.encoder
+    s = Setup(ctx, cfg, runtime, pretrained_input(ctx.inputs, encoder), finetuned, variants, img_db, out,
               device, mixed_precision(runtime.eval_precision, device, loss_scaling=False))
     try:
         metrics, artifacts = eval_retrieval(s) if task == "retrieval" else eval_task(s, task)
@@ -290,5 +291,5 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
         img_db.close()
     out.write_metrics(metrics)
     return StageResult(metrics=flatten(metrics), params={"task": task, "splits": cfg.splits_of(task),
-                                                         "encoder": encoder_name(ctx.inputs)},
+                                                         "encoder": encoder_name(ctx.inputs, encoder)},
                        artifacts=[out.metrics_path.name, *artifacts])

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from stages.outputs.encoder import Encoder
+from stages.outputs.encoder import ENCODER, encoder_stage
 from vlp.objectives.iais import Anchor
 from vlp.tasks.common import TaskOptions
 from vlp.tasks.gqa import GQAOptions
@@ -190,9 +190,10 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: list[TaskName] = list(DEFAULT_TASKS)
-    # The pretrained model every task starts from (and zero-shot retrieval evaluates): the pretrain stage's,
-    # or the loss study's best trial (``sweep.study``), the encoder the sweep registers as @champion.
-    encoder: Encoder = "pretrain"
+    # The pretrained model every task starts from (and zero-shot retrieval evaluates): ``pretrain``, the
+    # pretrain stage's; ``sweep``, the loss study's best trial (``sweep.study``), the encoder the sweep
+    # registers as @champion; ``sweep:<row>``, the row's best seed; ``sweep:<row>-s<seed>``, that trial.
+    encoder: str = "pretrain"
     common: CommonConfig = Field(default_factory=CommonConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     vqa: VqaConfig = Field(default_factory=VqaConfig)
@@ -200,6 +201,13 @@ class FinetuneConfig(BaseModel):
     snli_ve: SnliVeConfig = Field(default_factory=SnliVeConfig)
     refcoco: RefcocoConfig = Field(default_factory=RefcocoConfig)
     gqa: GqaConfig = Field(default_factory=GqaConfig)
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder(cls, value: str) -> str:
+        if not ENCODER.match(value):
+            raise ValueError(f"{value!r}: pretrain, sweep, sweep:<row> or sweep:<row>-s<seed>")
+        return value
 
     @model_validator(mode="after")
     def _distinct(self) -> FinetuneConfig:
@@ -211,7 +219,7 @@ class FinetuneConfig(BaseModel):
         return getattr(self, name)
 
 
-def finetune_upstream(task: str, encoder: Encoder = "pretrain") -> tuple[str, ...]:
+def finetune_upstream(task: str, encoder: str = "pretrain") -> tuple[str, ...]:
     """Stages ``finetune_<task>`` reads: the encoder and its tokenizer (``encoder``: the pretrain or the sweep
     stage), the regions (features) and
     the task's data: retrieval texts (txtdb, karpathy_txtdb), VQA / NLVR2 / SNLI-VE tables (dedup),
@@ -219,4 +227,4 @@ def finetune_upstream(task: str, encoder: Encoder = "pretrain") -> tuple[str, ..
     shards) and its ground-truth regions (gt_features, the training split's with train_regions: gt)."""
     data = {"retrieval": ("txtdb", "karpathy_txtdb"),
             "refcoco": ("download", "gt_features")}.get(task, ("dedup",))
-    return (encoder, "features", *data)
+    return (encoder_stage(encoder), "features", *data)

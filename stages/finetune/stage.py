@@ -8,10 +8,11 @@ and ``iais.compare``, ``<dataset>/pretrained_no_iais/``. Every variant starts fr
 from the root seed and the task), so variants differ only in what they are meant to.
 
 Curves go to the stage's MLflow run as ``<variant>/train/...`` and ``<variant>/val/...``; the final metrics
-are the last validation, ``<variant>/val/<metric>``. Inputs: ``pretrain`` (encoder, ITM head,
-tokenizer), ``features`` (regions), and the task's data: ``txtdb`` and ``karpathy_txtdb`` (retrieval),
-``dedup`` (VQA, NLVR2, SNLI-VE tables) or ``download`` (RefCOCO: tables and image sizes) and
-``gt_features`` (RefCOCO's training regions at the COCO instance boxes, ``finetune.refcoco.train_regions``).
+are the last validation, ``<variant>/val/<metric>``. Inputs: ``pretrain`` or (``finetune.encoder``)
+``sweep`` (encoder, ITM head, tokenizer), ``features`` (regions), and the task's data: ``txtdb`` and
+``karpathy_txtdb`` (retrieval), ``dedup`` (VQA, NLVR2, SNLI-VE tables) or ``download`` (RefCOCO: tables
+and image sizes) and ``gt_features`` (RefCOCO's training regions at the COCO instance boxes,
+``finetune.refcoco.train_regions``).
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     img_db = FeaturesOutput(ctx.inputs["features"]).img_db()
     out = FinetuneOutput(ctx.out_dir)
     s = Setup(ctx, task, ctx.cfg.finetune, runtime, seed_of(ctx.cfg.seed, "finetune", task),
-              pretrained_input(ctx.inputs), out, img_db, device,
+              pretrained_input(ctx.inputs, ctx.cfg.finetune.encoder), out, img_db, device,
               mixed_precision(runtime.precision, device, loss_scaling=False))
     try:
         records = _variants(s)
@@ -222,5 +223,5 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     steps = {f"{r['name']}/val/{k}": r["steps"] for r in records for k in r["val"]}
     final |= {f"{r['name']}/steps": float(r["steps"]) for r in records}
     return StageResult(metrics=final, params={"task": task, "variants": [r["name"] for r in records],
-                                              "encoder": encoder_name(ctx.inputs)},
+                                              "encoder": encoder_name(ctx.inputs, ctx.cfg.finetune.encoder)},
                        artifacts=[out.variants_path.name], metric_steps=steps)

@@ -1,32 +1,43 @@
 """Which pretrained model the finetune and eval stages start from (``finetune.encoder``), and reading it.
 
 ``pretrain``: the pretrain stage's output. ``sweep``: the loss study's best trial (``best.json`` of the sweep
-stage), the encoder the sweep registers in the MLflow model registry as ``@champion``; read from the sweep's
-own output rather than the registry, so that it is cached like any other input.
+stage), the encoder the sweep registers in the MLflow model registry as ``@champion``; ``sweep:<row>``: that
+row's best completed seed; ``sweep:<row>-s<seed>``: that trial. Read from the sweep's own output rather than
+the registry, so that it is cached like any other input.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
 from stages.outputs.pretrain import PretrainOutput
 from stages.outputs.sweep import SweepOutput
 
-Encoder = Literal["pretrain", "sweep"]
+ENCODER = re.compile(r"^(pretrain|sweep(:[A-Za-z0-9_+][A-Za-z0-9_.+-]*)?)$")
 
 
-def pretrained_input(inputs: Mapping[str, Path]) -> PretrainOutput:
-    """The pretrained model among a stage's ``inputs``: the sweep's best trial if the sweep is one, else
-    the pretrain stage's output."""
-    if "sweep" in inputs:
-        return SweepOutput(inputs["sweep"]).best_trial()
+def encoder_stage(encoder: str) -> str:
+    """The stage an encoder setting reads: ``pretrain`` or ``sweep``."""
+    return encoder.partition(":")[0]
+
+
+def encoder_trial(encoder: str) -> str | None:
+    """The trial or row a ``sweep:<...>`` setting names; None for the study's best (or ``pretrain``)."""
+    return encoder.partition(":")[2] or None
+
+
+def pretrained_input(inputs: Mapping[str, Path], encoder: str) -> PretrainOutput:
+    """The pretrained model ``encoder`` names among a stage's ``inputs``."""
+    if encoder_stage(encoder) == "sweep":
+        sweep = SweepOutput(inputs["sweep"])
+        return sweep.trial(sweep.trial_of(encoder_trial(encoder)))
     return PretrainOutput(inputs["pretrain"])
 
 
-def encoder_name(inputs: Mapping[str, Path]) -> str:
-    """``pretrain``, or ``sweep:<row>-s<seed>`` naming the study's best trial: the stage's record of it."""
-    if "sweep" in inputs:
-        return f"sweep:{SweepOutput(inputs['sweep']).best()['trial']}"
+def encoder_name(inputs: Mapping[str, Path], encoder: str) -> str:
+    """``pretrain``, or ``sweep:<row>-s<seed>`` naming the trial: the stage's record of where it started."""
+    if encoder_stage(encoder) == "sweep":
+        return f"sweep:{SweepOutput(inputs['sweep']).trial_of(encoder_trial(encoder))}"
     return "pretrain"

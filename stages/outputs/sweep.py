@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from stages.base import StageError
 from stages.outputs import StageOutput
 from stages.outputs.pretrain import PretrainOutput
+
+COMPLETED = "completed"  # a trial's status in study.json once it checkpointed its last step
 
 
 @dataclass(frozen=True)
@@ -54,3 +57,26 @@ class SweepOutput(StageOutput):
     def best_trial(self) -> PretrainOutput:
         """The pretraining output of the study's best trial."""
         return self.trial(self.best()["trial"])
+
+    def record(self) -> dict[str, Any]:
+        """study.json: the study as run and every trial (row, seed, status, step, metrics)."""
+        return json.loads(self.study_path.read_text())
+
+    def trial_of(self, selector: str | None) -> str:
+        """The completed trial a selector names: None, the study's best (best.json); ``<row>-s<seed>``, that
+        trial; ``<row>``, the row's completed seed with the best study metric. StageError otherwise."""
+        if selector is None:
+            return self.best()["trial"]
+        record = self.record()
+        study, trials = record["study"], record["trials"]
+        named = [t for t in trials if t["trial"] == selector]
+        if named and named[0]["status"] == COMPLETED:
+            return selector
+        done = [t for t in trials if t["row"] == selector and t["status"] == COMPLETED
+                and study["metric"] in t["metrics"]]
+        if done:
+            pick = max if study["mode"] == "max" else min
+            return pick(done, key=lambda t: t["metrics"][study["metric"]])["trial"]
+        what = f"trial {selector!r} is {named[0]['status']}" if named else \
+            f"no trial or row {selector!r} has a completed trial"
+        raise StageError(f"{self.study_path}: {what} (trials: {', '.join(t['trial'] for t in trials)})")

@@ -41,7 +41,7 @@ from stages.base import MetricLogger, StageContext, StageError, StageResult
 from stages.outputs.alignment import AlignmentOutput
 from stages.outputs.features import FeaturesOutput
 from stages.outputs.pretrain import PretrainOutput
-from stages.outputs.sweep import SweepOutput
+from stages.outputs.sweep import COMPLETED, SweepOutput
 from stages.outputs.txt_db import TxtDbOutput
 from stages.pretrain import checkpointing
 from stages.pretrain.config import PretrainConfig
@@ -51,7 +51,7 @@ from stages.pretrain.stage import RUN_NAME, build_trainer, export, fit, prefligh
 from stages.pretrain.sweep_config import Study, StudyRow, row_config
 from vlp.train.runtime import RuntimeConfig
 
-COMPLETED, STOPPED, FAILED = "completed", "stopped_by_asha", "failed"
+STOPPED, FAILED = "stopped_by_asha", "failed"
 # A trial's own request: Tune needs a non-empty one, and any CPU in it (a token 0.01 included) is missing
 # when the trial's Train workers ask for every CPU of the cluster (2 workers x 1 CPU on 2 cores never start).
 # Memory is a resource every node has; 1 MiB of it never binds.
