@@ -19,8 +19,9 @@ from stages.download.config import DownloadConfig
 from stages.eval.config import EvalConfig
 from stages.feature_extraction.config import FeatureConfig
 from stages.finetune.config import FinetuneConfig
+from stages.outputs.encoder import encoder_stage, encoder_trial
 from stages.pretrain.config import PretrainConfig
-from stages.pretrain.sweep_config import SweepConfig, check_rows
+from stages.pretrain.sweep_config import SweepConfig, check_rows, trial_name
 from stages.txt_db.config import TxtDbConfig
 from vlp.train.runtime import RuntimeConfig
 from worldgen.config import WorldConfig
@@ -107,10 +108,16 @@ class PipelineConfig(BaseModel):
                 check_rows(self.pretrain, study)
             except ValueError as err:
                 raise ValueError(f"sweep.study.{err}") from None
-        if self.finetune.encoder == "sweep":
+        if encoder_stage(self.finetune.encoder) == "sweep":
             if study is None:
                 raise ValueError("finetune.encoder: 'sweep' starts finetuning from the loss study's best "
                                  "trial, but sweep.study names no study")
+            trial = encoder_trial(self.finetune.encoder)
+            names = {r.name for r in study.rows} | {trial_name(r.name, s) for r in study.rows
+                                                    for s in study.seeds}
+            if trial is not None and trial not in names:
+                raise ValueError(f"finetune.encoder: {trial!r} is neither a row nor a trial (<row>-s<seed>) "
+                                 f"of study {study.name!r}")
             if len(self.seeds) > 1 and self.features.detector.weights is None:
                 raise ValueError("finetune.encoder: 'sweep' with several seeds: the study pretrains on the "
                                  "first seed's regions (its trained detector), which the other seeds' do not "
@@ -188,6 +195,19 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def with_overrides(cfg: PipelineConfig, overrides: tuple[str, ...]) -> PipelineConfig:
+    """``cfg`` with ``key.sub=value`` overrides applied (and validated again)."""
+    if not overrides:
+        return cfg
+    data = cfg.model_dump(mode="json")
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(f"overrides {list(overrides)}", err)) from None
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import ray
 
 from pipeline.cache import StageStore, code_digest, content_digest, stage_key
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, with_overrides
 from pipeline.stages import ALL, STAGES
 from pipeline.tracking import Tracker
 from stages.base import MetricLogger, StageContext, StageError
@@ -50,6 +50,8 @@ class PlannedStage:
     label: str = ""  # unique in the plan: the stage name, "<stage>@<seed>" when the key varies by seed
     seed: int = 0  # the root seed the stage runs with
     needs: list[str] = field(default_factory=list)  # labels of the planned stages it waits for
+    # Config overrides it runs with (a study trial's downstream stages: finetune.encoder=sweep:<trial>).
+    overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name
@@ -92,8 +94,10 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
     if target != ALL and target not in STAGES:
         raise ValueError(f"unknown stage {target!r}; choose from {', '.join([*STAGES, ALL])}")
     seeds = list(cfg.seeds) or [cfg.seed]
-    targets = ((*TERMINAL, *(("sweep",) if cfg.sweep.study is not None else ())) if target == ALL
-               else (target,))
+    study = cfg.sweep.study
+    targets = ((*TERMINAL, *(("sweep",) if study is not None else ()),
+                *(("sweep_downstream",) if study is not None and study.downstream is not None else ()))
+               if target == ALL else (target,))
     digests: dict[str, str] = {}  # per entry module: the per-task stages share theirs
 
     def key_of(name: str, seed_cfg: PipelineConfig, inputs: dict[str, str]) -> tuple[str, dict[str, Any]]:
@@ -116,7 +120,7 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
         keys[seed], subsets[seed] = {}, {}
         for name in _closure(seed_cfg, targets):
             order += [name] if name not in order else []
-            if across(name):
+            if across(name) or STAGES[name].over_trials:
                 continue
             if STAGES[name].first_seed_only and seed != seeds[0]:  # every seed's consumers read the one run
                 keys[seed][name], subsets[seed][name] = keys[seeds[0]][name], subsets[seeds[0]][name]
@@ -131,6 +135,8 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
     planned: dict[str, PlannedStage] = {}
     for name in order:
         forced = force and name == target
+        if STAGES[name].over_trials:
+            continue
         if across(name):
             upstream = STAGES[name].upstream(cfg)
             inputs = {f"{up}@{s}": keys[s][up] for s in seeds for up in upstream}
@@ -152,7 +158,64 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
                 name, key, {up: keys[seed][up] for up in upstream}, subsets[seed][name],
                 store.is_done(name, key) and not forced, forced, here, seed,
                 [label(up, seed) for up in upstream])
+    for name in order:  # after the seeds' stages, whose labels they reuse
+        if STAGES[name].over_trials:
+            forced = force and name == target
+            _plan_trials(name, cfg, seeds[0], keys[seeds[0]], planned, key_of, store, forced)
     return _one_ray_data_stage_at_a_time(_run_exclusive_alone(list(planned.values())))
+
+
+def _plan_trials(name: str, cfg: PipelineConfig, seed: int, seed_keys: dict[str, str],
+                 planned: dict[str, PlannedStage], key_of, store: StageStore, forced: bool) -> None:
+    """Plan ``name`` (the study's downstream comparison) over the study's trials: each trial's ``eval_<task>``
+    of the study's downstream tasks with everything they need, under ``finetune.encoder=sweep:<trial>`` and
+    the first seed (the study pretrained on its regions). A stage whose key is the same for every trial
+    (features, karpathy_txtdb, ...) is planned once, or reused when the seeds' plan already has it; one that
+    varies is labelled ``<stage>@<trial>``."""
+    study = cfg.sweep.study
+    if study is None or study.downstream is None:
+        raise ValueError(f"{name}: sweep.study names no study with a downstream section "
+                         "(sweep.study.downstream: the tasks its trials are finetuned on)")
+    evals = tuple(f"eval_{task}" for task in study.downstream.tasks)
+    trials = study.downstream_trials()
+    # one seed: the study's regions are the first seed's
+    overrides = {t: (f"finetune.encoder=sweep:{t}", "seeds=[]") for t in trials}
+    keys: dict[str, dict[str, str]] = {}
+    subsets: dict[str, dict[str, dict[str, Any]]] = {}
+    cfg_data = cfg.model_dump(mode="json")
+    configs = {t: stage_config(cfg_data, seed, overrides[t]) for t in trials}
+    order: list[str] = []
+    for t in trials:
+        keys[t], subsets[t] = {}, {}
+        for stage in _closure(configs[t], evals):
+            order += [stage] if stage not in order else []
+            inputs = {up: keys[t][up] for up in STAGES[stage].upstream(configs[t])}
+            keys[t][stage], subsets[t][stage] = key_of(stage, configs[t], inputs)
+    by_key = {(ps.name, ps.key): ps.label for ps in planned.values()}
+
+    def label(stage: str, t: str) -> str:
+        key = keys[t][stage]
+        if (stage, key) in by_key:
+            return by_key[(stage, key)]
+        plain = len({keys[other][stage] for other in trials}) == 1 and stage not in planned
+        return stage if plain else f"{stage}@{t}"
+
+    for stage in order:
+        for t in trials:
+            here = label(stage, t)
+            if here in planned:
+                continue
+            upstream = STAGES[stage].upstream(configs[t])
+            planned[here] = PlannedStage(
+                stage, keys[t][stage], {up: keys[t][up] for up in upstream}, subsets[t][stage],
+                store.is_done(stage, keys[t][stage]), False, here, seed, [label(up, t) for up in upstream],
+                overrides[t])
+            by_key[(stage, keys[t][stage])] = here
+    inputs = {"sweep": seed_keys["sweep"]} | {f"{e}@{t}": keys[t][e] for t in trials for e in evals}
+    key, subset = key_of(name, cfg, inputs)
+    needs = [by_key[("sweep", seed_keys["sweep"])], *(label(e, t) for t in trials for e in evals)]
+    planned[name] = PlannedStage(name, key, inputs, subset, store.is_done(name, key) and not forced, forced,
+                                 name, seed, needs)
 
 
 def _run_exclusive_alone(stages: list[PlannedStage]) -> list[PlannedStage]:
@@ -223,10 +286,16 @@ def world_mirror(stage: str, serves_world: bool, inputs: dict[str, Path]) -> Ite
         yield mirror.base_url
 
 
+def stage_config(cfg_data: dict[str, Any], seed: int, overrides: tuple[str, ...]) -> PipelineConfig:
+    """The config a planned stage runs with: the invocation's, with the stage's seed and overrides."""
+    cfg = PipelineConfig.model_validate(cfg_data).model_copy(update={"seed": seed})
+    return with_overrides(cfg, overrides)
+
+
 def _compute(ps: PlannedStage, cfg_data: dict[str, Any], store: StageStore, workdir: Path, run_id: str,
              tracking_uri: str, start: float) -> dict[str, Any]:
     """Run the stage into its partial dir and commit it; returns the manifest."""
-    cfg = PipelineConfig.model_validate(cfg_data).model_copy(update={"seed": ps.seed})
+    cfg = stage_config(cfg_data, ps.seed, ps.overrides)
     inputs = {name: store.final_dir(stage_dir_name(name), key) for name, key in ps.inputs.items()}
     for name, directory in inputs.items():
         stage = stage_dir_name(name)

@@ -22,7 +22,7 @@ from stages.outputs.eval import EvalOutput, SummaryOutput
 from stages.outputs.features import EntityFeaturesOutput, FeaturesOutput
 from stages.outputs.finetune import FinetuneIndexOutput, FinetuneOutput
 from stages.outputs.pretrain import PretrainOutput
-from stages.outputs.sweep import SweepOutput
+from stages.outputs.sweep import DownstreamOutput, SweepOutput
 from stages.outputs.txt_db import TxtDbOutput
 from stages.outputs.world import WorldOutput
 from vlp.tasks.registry import TASK_NAMES
@@ -57,6 +57,9 @@ class StageSpec:
     # can each hold part of the cluster and wait for the rest forever (three seeds' features stages on 2 CPUs
     # did), so the graph runs them one at a time.
     ray_data: bool = False
+    # Planned once over the trials of the study (``sweep.study.downstream``): its inputs are each trial's
+    # ``eval_<task>`` (``eval_<task>@<trial>``), planned with ``finetune.encoder=sweep:<trial>``.
+    over_trials: bool = False
 
     @property
     def module(self) -> str:
@@ -190,6 +193,14 @@ STAGES: dict[str, StageSpec] = {
             first_seed_only=True,
             # its trials' Ray Train workers take the cluster's CPUs, as pretraining's do
             exclusive=True,
+        ),
+        StageSpec(
+            name="sweep_downstream",
+            output=DownstreamOutput,
+            entry="stages.pretrain.downstream:run",
+            config=("sweep.study",),
+            upstream=lambda cfg: ("sweep",),
+            over_trials=True,
         ),
         StageSpec(
             name="karpathy_txtdb",

@@ -123,3 +123,36 @@ def test_a_damaged_feature_store_is_named_in_one_line_and_not_retried(graph, tmp
     out, err = capfd.readouterr()
     assert err.strip().splitlines()[-1].startswith("error: ") and f"{data} is truncated" in err
     assert (out + err).count("pretrain: running") == 1  # a stage that failed is not started again
+
+
+def test_a_studys_trials_are_finetuned_evaluated_and_compared_downstream(graph, tmp_path):
+    workdir, _ = graph
+    meta = "nlvr2/pretrained/test1/nlvr2_acc"
+    study = tmp_path / "study.yaml"
+    study.write_text(json.dumps({
+        "name": "micro_downstream", "seeds": [0, 1], "steps": 4, "report_every": 2,
+        "asha": {"enabled": False},
+        "rows": [{"name": "a", "tasks": {"mlm": 1, "itm": 1}}],
+        "downstream": {"tasks": ["nlvr2"], "meta_sum": [meta]}}))
+    args = ["--stage", "sweep_downstream", f"sweep.study={study}"]
+    assert main(["--config", str(MICRO), "--workdir", str(workdir), *args]) == 0
+    store = StageStore(workdir)
+    planned = {p.label: p for p in plan(load_config(MICRO, args[2:]), "sweep_downstream", store)}
+    assert all(p.cached for p in planned.values())
+    compared = json.loads((store.final_dir("sweep_downstream", planned["sweep_downstream"].key)
+                           / "downstream.json").read_text())
+    for trial in compared["trials"]:
+        name = trial["trial"]
+        # Each trial's encoder was finetuned and evaluated under its own key, and the comparison sums what
+        # its evaluation wrote.
+        finetuned = store.manifest("finetune_nlvr2", planned[f"finetune_nlvr2@{name}"].key)
+        assert finetuned["params"]["encoder"] == f"sweep:{name}"
+        evaluated = store.manifest("eval_nlvr2", planned[f"eval_nlvr2@{name}"].key)
+        acc = evaluated["metrics"][meta.partition("/")[2]]
+        assert trial["metrics"]["meta_sum"] == pytest.approx(100 * acc)
+    assert sorted(t["trial"] for t in compared["trials"]) == ["a-s0", "a-s1"]
+    assert planned["finetune_nlvr2@a-s0"].key != planned["finetune_nlvr2@a-s1"].key
+    # The MLflow runs are labelled by trial.
+    (_, children), *_ = [(p, c) for p, c in runs_by_parent(workdir)
+                         if any(r.info.run_name == "sweep_downstream" for r in c)]
+    assert {"finetune_nlvr2@a-s0", "eval_nlvr2@a-s1", "sweep"} <= {r.info.run_name for r in children}

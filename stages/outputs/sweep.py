@@ -1,4 +1,5 @@
-"""Output of the ``sweep`` stage: a study of pretraining loss sets, one Ray Tune trial per row and seed.
+"""Outputs of the ``sweep`` stage (a study of pretraining loss sets, one Ray Tune trial per row and seed) and
+of the ``sweep_downstream`` stage (its rows compared after finetuning). The sweep's:
 
 ::
 
@@ -80,3 +81,28 @@ class SweepOutput(StageOutput):
         what = f"trial {selector!r} is {named[0]['status']}" if named else \
             f"no trial or row {selector!r} has a completed trial"
         raise StageError(f"{self.study_path}: {what} (trials: {', '.join(t['trial'] for t in trials)})")
+
+
+@dataclass(frozen=True)
+class DownstreamOutput(StageOutput):
+    """Output of the ``sweep_downstream`` stage: the study's rows compared after finetuning.
+
+    ::
+
+        downstream.json   every trial compared: trial, row, seed, the eval metrics of the study's Meta-Sum
+                          and meta_sum (100 x their sum)
+        comparison.csv    per row: trials, mean / sd / min / max of meta_sum and of each of its metrics, the
+        comparison.md     delta of the mean to the baseline row's, and the paper's delta beside it
+        figures/comparison.png   meta_sum per row: mean with sd, every trial as a dot
+    """
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("downstream.json", "comparison.csv", "comparison.md",
+                                           "figures/comparison.png")
+
+    @property
+    def trials_path(self) -> Path:
+        return self.root / "downstream.json"
+
+    @property
+    def figure_path(self) -> Path:
+        return self.root / "figures" / "comparison.png"

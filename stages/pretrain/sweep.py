@@ -48,7 +48,7 @@ from stages.pretrain.config import PretrainConfig
 from stages.pretrain.data import PretrainInputs
 from stages.pretrain.loop import StepEvent
 from stages.pretrain.stage import RUN_NAME, build_trainer, export, fit, preflight
-from stages.pretrain.sweep_config import Study, StudyRow, row_config
+from stages.pretrain.sweep_config import Study, StudyRow, row_config, trial_name
 from vlp.train.runtime import RuntimeConfig
 
 STOPPED, FAILED = "stopped_by_asha", "failed"
@@ -57,10 +57,6 @@ STOPPED, FAILED = "stopped_by_asha", "failed"
 # Memory is a resource every node has; 1 MiB of it never binds.
 TRIAL_RESOURCES = {"memory": 1 << 20}
 CHAMPION = "champion"
-
-
-def trial_name(row: str, seed: int) -> str:
-    return f"{row}-s{seed}"
 
 
 @dataclass(frozen=True)
@@ -271,12 +267,17 @@ def table_csv(study: Study, table: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def table_markdown(study: Study, table: list[dict[str, Any]], minutes: float) -> str:
+VALIDATION = "Validation metrics after the step budget"
+
+
+def table_markdown(study: Study, table: list[dict[str, Any]], minutes: float | None,
+                   what: str = VALIDATION) -> str:
+    """The comparison as Markdown: ``what`` says which numbers it compares; ``minutes``, the study's time."""
     metrics = list(dict.fromkeys([study.metric, *study.table_metrics]))
-    lines = [f"#### Study `{study.name}`: {len(study.rows)} rows x seeds {list(study.seeds)}, "
-             f"{minutes:.1f} min",
+    lines = [f"#### Study `{study.name}`: {len(study.rows)} rows x seeds {list(study.seeds)}"
+             + ("" if minutes is None else f", {minutes:.1f} min"),
              "",
-             "Validation metrics after the step budget, mean ± sample sd (min–max) over the completed "
+             f"{what}, mean ± sample sd (min–max) over the completed "
              f"trials; Δ: the mean minus baseline row `{study.baseline_row}`'s; paper Δ: the paper's delta "
              "for the row (its own metric and data, for direction only).",
              "",

@@ -16,11 +16,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stages.pretrain.config import PretrainConfig
+from vlp.tasks.registry import TASK_NAMES
 
 # Rows name trial directories and MLflow runs.
 ROW_NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+-]*$")
 # Where a relative study path is looked for after the working directory: the repository (configs/sweeps/).
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def trial_name(row: str, seed: int) -> str:
+    """A trial's name: its dir (trials/<name>/), its MLflow run, ``finetune.encoder: sweep:<name>``."""
+    return f"{row}-s{seed}"
 
 
 class StudyRow(BaseModel):
@@ -54,6 +60,36 @@ class AshaConfig(BaseModel):
     reduction_factor: int = Field(2, ge=2)
 
 
+class Downstream(BaseModel):
+    """Rows evaluated downstream: each trial's encoder (or each row's best seed) through the finetune and eval
+    stages of ``tasks`` (``finetune.encoder: sweep:<trial>``, cached per trial), compared by the
+    ``sweep_downstream`` stage on ``meta_sum``: 100 x the sum of these eval metrics, named as the stages log
+    them (``<task>/<variant>/<split>/<metric>``). The default is UNITER's Meta-Sum on the demo world's
+    splits: VQA, Flickr30k IR and TR R@1 (finetuned), NLVR2 test-P, RefCOCO testA (UNITER's is RefCOCO+,
+    which the world lacks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = ["retrieval", "vqa", "nlvr2", "refcoco"]
+    trials: Literal["every_seed", "best_seed"] = "every_seed"
+    meta_sum: list[str] = Field(["vqa/pretrained/val2014/vqa_score",
+                                 "retrieval/flickr30k/pretrained/test/full/ir_r1",
+                                 "retrieval/flickr30k/pretrained/test/full/tr_r1",
+                                 "nlvr2/pretrained/test1/nlvr2_acc",
+                                 "refcoco/pretrained/testA/refcoco_acc"], min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Downstream:
+        unknown = [t for t in self.tasks if t not in TASK_NAMES]
+        if unknown or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks: {self.tasks}: each once, from {', '.join(TASK_NAMES)}")
+        for name in self.meta_sum:
+            if name.partition("/")[0] not in self.tasks:
+                raise ValueError(f"meta_sum: {name!r} is not a metric of the tasks {self.tasks} "
+                                 "(<task>/<variant>/<split>/<metric>)")
+        return self
+
+
 class Study(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -74,6 +110,7 @@ class Study(BaseModel):
     max_failures: int = Field(1, ge=0)  # Tune's retries of a trial whose run failed
     # Trials running at once; None: the cluster's CPUs over one trial's (workers x runtime.threads).
     max_concurrent_trials: int | None = Field(None, ge=1)
+    downstream: Downstream | None = None  # rows evaluated downstream (the sweep_downstream stage)
 
     @model_validator(mode="after")
     def _consistent(self) -> Study:
@@ -84,7 +121,19 @@ class Study(BaseModel):
             raise ValueError(f"baseline {self.baseline!r} is not a row (rows: {', '.join(names)})")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: a seed appears twice: {self.seeds}")
+        if self.downstream is not None and self.asha.enabled:
+            raise ValueError("downstream: rows are compared downstream in a final comparison, where every "
+                             "trial finishes: set asha: {enabled: false}")
         return self
+
+    def downstream_trials(self) -> list[str]:
+        """What the downstream comparison finetunes: every trial (``<row>-s<seed>``) or every row (its best
+        seed, resolved once the study ran)."""
+        if self.downstream is None:
+            return []
+        if self.downstream.trials == "best_seed":
+            return [r.name for r in self.rows]
+        return [trial_name(r.name, s) for r in self.rows for s in self.seeds]
 
     @property
     def baseline_row(self) -> str:
