@@ -108,6 +108,13 @@ class PipelineConfig(BaseModel):
                 check_rows(self.pretrain, study)
             except ValueError as err:
                 raise ValueError(f"sweep.study.{err}") from None
+            finetune = self.finetune.model_dump(mode="json")
+            for i, row in enumerate(study.rows):  # finetune settings valid on this config's finetune section
+                try:
+                    FinetuneConfig.model_validate(_deep_merge(finetune, row.finetune))
+                except ValidationError as err:
+                    raise ValueError(_format_validation_error(f"sweep.study.rows[{i}] ({row.name}).finetune",
+                                                              err)) from None
         if encoder_stage(self.finetune.encoder) == "sweep":
             if study is None:
                 raise ValueError("finetune.encoder: 'sweep' starts finetuning from the loss study's best "

@@ -95,7 +95,7 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
         raise ValueError(f"unknown stage {target!r}; choose from {', '.join([*STAGES, ALL])}")
     seeds = list(cfg.seeds) or [cfg.seed]
     study = cfg.sweep.study
-    targets = ((*TERMINAL, *(("sweep",) if study is not None else ()),
+    targets = ((*TERMINAL, *(("sweep",) if study is not None and study.pretraining else ()),
                 *(("sweep_downstream",) if study is not None and study.downstream is not None else ()))
                if target == ALL else (target,))
     digests: dict[str, str] = {}  # per entry module: the per-task stages share theirs
@@ -168,18 +168,18 @@ def plan(cfg: PipelineConfig, target: str, store: StageStore, force: bool = Fals
 def _plan_trials(name: str, cfg: PipelineConfig, seed: int, seed_keys: dict[str, str],
                  planned: dict[str, PlannedStage], key_of, store: StageStore, forced: bool) -> None:
     """Plan ``name`` (the study's downstream comparison) over the study's trials: each trial's ``eval_<task>``
-    of the study's downstream tasks with everything they need, under ``finetune.encoder=sweep:<trial>`` and
-    the first seed (the study pretrained on its regions). A stage whose key is the same for every trial
-    (features, karpathy_txtdb, ...) is planned once, or reused when the seeds' plan already has it; one that
-    varies is labelled ``<stage>@<trial>``."""
+    of the study's downstream tasks with everything they need, under the trial's overrides
+    (``Study.downstream_overrides``: ``finetune.encoder=sweep:<trial>`` or a finetuning seed, the row's
+    finetune settings) and the first seed (a pretraining study pretrained on its regions). A stage whose
+    key is the same for every trial (features, karpathy_txtdb, ...) is planned once, or reused when the
+    seeds' plan already has it; one that varies is labelled ``<stage>@<trial>``."""
     study = cfg.sweep.study
     if study is None or study.downstream is None:
         raise ValueError(f"{name}: sweep.study names no study with a downstream section "
                          "(sweep.study.downstream: the tasks its trials are finetuned on)")
     evals = tuple(f"eval_{task}" for task in study.downstream.tasks)
-    trials = study.downstream_trials()
-    # one seed: the study's regions are the first seed's
-    overrides = {t: (f"finetune.encoder=sweep:{t}", "seeds=[]") for t in trials}
+    overrides = study.downstream_overrides()
+    trials = list(overrides)
     keys: dict[str, dict[str, str]] = {}
     subsets: dict[str, dict[str, dict[str, Any]]] = {}
     cfg_data = cfg.model_dump(mode="json")
@@ -211,9 +211,12 @@ def _plan_trials(name: str, cfg: PipelineConfig, seed: int, seed_keys: dict[str,
                 store.is_done(stage, keys[t][stage]), False, here, seed, [label(up, t) for up in upstream],
                 overrides[t])
             by_key[(stage, keys[t][stage])] = here
-    inputs = {"sweep": seed_keys["sweep"]} | {f"{e}@{t}": keys[t][e] for t in trials for e in evals}
+    inputs = {f"{e}@{t}": keys[t][e] for t in trials for e in evals}
+    needs = [label(e, t) for t in trials for e in evals]
+    if study.pretraining:
+        inputs["sweep"] = seed_keys["sweep"]
+        needs.append(by_key[("sweep", seed_keys["sweep"])])
     key, subset = key_of(name, cfg, inputs)
-    needs = [by_key[("sweep", seed_keys["sweep"])], *(label(e, t) for t in trials for e in evals)]
     planned[name] = PlannedStage(name, key, inputs, subset, store.is_done(name, key) and not forced, forced,
                                  name, seed, needs)
 

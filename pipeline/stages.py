@@ -199,7 +199,9 @@ STAGES: dict[str, StageSpec] = {
             output=DownstreamOutput,
             entry="stages.pretrain.downstream:run",
             config=("sweep.study",),
-            upstream=lambda cfg: ("sweep",),
+            # a pretraining study's trials (a finetuning study's trials are finetune settings alone)
+            upstream=lambda cfg: ("sweep",) if cfg.sweep.study is not None and cfg.sweep.study.pretraining
+            else (),
             over_trials=True,
         ),
         StageSpec(

@@ -624,3 +624,20 @@ def test_finetune_encoder_sweep_starts_from_the_trial_it_names(finetuned, tmp_pa
     with pytest.raises(StageError, match=r"study.json: trial 'b-s1' is stopped_by_asha "
                                          r"\(trials: a-s0, b-s0, b-s1\)"):
         finetune("sweep:b-s1")
+
+
+def test_the_finetuning_seed_replaces_the_root_seed_for_finetuning_only(finetuned, tmp_path):
+    root, inputs, cfg, _, _ = finetuned
+    needed = {name: inputs[name] for name in finetune_upstream("vqa")}
+
+    def encoder(root_seed: int, finetune_seed: int | None) -> dict[str, torch.Tensor]:
+        common = cfg.finetune.common.model_copy(update={"seed": finetune_seed})
+        run_cfg = SimpleNamespace(**{**vars(cfg), "seed": root_seed,
+                                     "finetune": cfg.finetune.model_copy(update={"common": common})})
+        out = tmp_path / f"{root_seed}-{finetune_seed}"
+        finetune_stage.run_task(StageContext(cfg=run_cfg, workdir=root, out_dir=out, inputs=needed), "vqa")
+        return torch.load(out / "scratch" / "encoder" / "model.pt", weights_only=True)
+
+    root_seed_1, finetune_seed_1, seed_0 = encoder(1, None), encoder(0, 1), encoder(0, None)
+    assert all(torch.equal(root_seed_1[k], finetune_seed_1[k]) for k in seed_0)
+    assert not all(torch.equal(seed_0[k], finetune_seed_1[k]) for k in seed_0)

@@ -150,3 +150,60 @@ def test_the_comparison_sums_each_trials_metrics_and_compares_rows(tmp_path):
         downstream.run(StageContext(cfg=cfg, workdir=tmp_path, out_dir=tmp_path / "out2", inputs=inputs))
     assert str(err.value) == (f"{tmp_path / 'bad' / 'metrics.json'}: no metric 'pretrained/test1/nlvr2_acc' "
                               f"for sweep.study.downstream.meta_sum entry '{META[1]}'")
+
+
+def test_a_finetuning_study_has_rows_of_finetune_settings_and_a_downstream_comparison():
+    rows = [{"name": "none", "finetune": {"retrieval": {"iais": {"enabled": False}}}}]
+    base = {"name": "f", "pretraining": False, "rows": rows}
+    with pytest.raises(ValueError, match=r"pretraining: false \(a finetuning study\) needs downstream"):
+        Study.model_validate(base)
+    trained = base | {"rows": [{"name": "a", "tasks": {"itm": 1}}], "downstream": {}}
+    with pytest.raises(ValueError, match=r"rows of finetune settings only; rows \['a'\] set tasks"):
+        Study.model_validate(trained)
+    with pytest.raises(ValueError, match=r"rows \['none'\]: a pretraining study's row needs its loss set"):
+        Study.model_validate(base | {"pretraining": True})
+    study = Study.model_validate(base | {"seeds": [3, 4], "downstream": {"tasks": ["retrieval"]}})
+    assert study.downstream.meta_sum == ["retrieval/flickr30k/pretrained/test/full/ir_r1",
+                                         "retrieval/flickr30k/pretrained/test/full/tr_r1"]
+    # A finetuning study's trials vary the finetuning seed, not the encoder, and carry the row's settings.
+    assert study.downstream_overrides() == {
+        "none-s3": ("finetune.common.seed=3", "seeds=[]", "finetune.retrieval.iais.enabled=false"),
+        "none-s4": ("finetune.common.seed=4", "seeds=[]", "finetune.retrieval.iais.enabled=false")}
+
+
+def test_a_rows_finetune_settings_are_checked_against_the_finetune_section(tmp_path):
+    bad = [{"name": "x", "tasks": {"itm": 1}, "finetune": {"retrieval": {"iais": {"variant": "both"}}}}]
+    with pytest.raises(ConfigError, match=r"sweep.study.rows\[0\] \(x\).finetune: retrieval.iais.variant: "):
+        load_config(None, [f"sweep.study={study_file(tmp_path, rows=bad)}"])
+
+
+def test_the_iais_study_plans_its_rows_and_seeds_from_the_pipelines_encoder(tmp_path):
+    store = StageStore(tmp_path / "work")
+    cfg = load_config(None, ["sweep.study=configs/sweeps/iais.yaml"])
+    planned = {p.label: p for p in plan(cfg, "all", store)}
+    assert "sweep" not in planned  # no pretraining trials
+    rows = ("none", "singular", "distributed", "singular_text", "singular_image")
+    trials = [f"{row}-s{seed}" for row in rows for seed in (0, 1, 2)]
+    assert {label for label in planned if label.startswith("finetune_retrieval@")} == {
+        f"finetune_retrieval@{t}" for t in trials}
+    assert set(planned["sweep_downstream"].inputs) == {f"eval_retrieval@{t}" for t in trials}
+    for trial in trials:
+        row, seed = trial.rsplit("-s", 1)
+        finetune = planned[f"finetune_retrieval@{trial}"]
+        assert finetune.inputs["pretrain"] == planned["pretrain"].key  # the pipeline's encoder
+        assert finetune.config["finetune.common"]["seed"] == int(seed)
+        assert finetune.config["finetune.common"]["init"] == "pretrained"
+        iais = finetune.config["finetune.retrieval"]["iais"]
+        assert iais["enabled"] == (row != "none")
+        anchors = {"singular_text": ["text"], "singular_image": ["image"]}.get(row, ["text", "image"])
+        assert iais["anchors"] == anchors
+        assert iais["variant"] == ("distributed" if row == "distributed" else "singular")
+
+
+def test_the_sweep_stage_refuses_a_finetuning_study(tmp_path):
+    from stages.pretrain import sweep
+
+    cfg = load_config(None, ["sweep.study=configs/sweeps/iais.yaml"])
+    with pytest.raises(StageError, match=r"sweep: study 'iais' is a finetuning study \(pretraining: false\), "
+                                         r"without pretraining trials: run --stage sweep_downstream"):
+        sweep.run(StageContext(cfg=cfg, workdir=tmp_path, out_dir=tmp_path / "out", inputs={}))

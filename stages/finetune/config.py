@@ -33,6 +33,9 @@ class CommonConfig(BaseModel):
     init: Literal["pretrained", "scratch", "both"] = "both"
     dropout: float | None = Field(None, ge=0.0, lt=1.0)  # hidden/attention dropout; None keeps the encoder's
     log_every: int = Field(10, ge=1)  # optimizer steps between training-metric logs
+    # The finetuning seed (the tasks' initialisation and batch order derive from it); None: the root seed. A
+    # finetuning study varies it without retraining what the root seed feeds (detector, pretraining).
+    seed: int | None = None
 
     @property
     def inits(self) -> tuple[Init, ...]:

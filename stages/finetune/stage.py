@@ -209,7 +209,8 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     device = default_device()
     img_db = FeaturesOutput(ctx.inputs["features"]).img_db()
     out = FinetuneOutput(ctx.out_dir)
-    s = Setup(ctx, task, ctx.cfg.finetune, runtime, seed_of(ctx.cfg.seed, "finetune", task),
+    seed = ctx.cfg.seed if ctx.cfg.finetune.common.seed is None else ctx.cfg.finetune.common.seed
+    s = Setup(ctx, task, ctx.cfg.finetune, runtime, seed_of(seed, "finetune", task),
               pretrained_input(ctx.inputs, ctx.cfg.finetune.encoder), out, img_db, device,
               mixed_precision(runtime.precision, device, loss_scaling=False))
     try:

@@ -372,6 +372,9 @@ def run_study(ctx: StageContext, hooks: Sequence[Callable[[StepEvent], None]] = 
     study: Study | None = ctx.cfg.sweep.study
     if study is None:
         raise StageError("sweep: no study configured; name one with sweep.study=configs/sweeps/<name>.yaml")
+    if not study.pretraining:
+        raise StageError(f"sweep: study {study.name!r} is a finetuning study (pretraining: false), without "
+                         "pretraining trials: run --stage sweep_downstream")
     base: PretrainConfig = ctx.cfg.pretrain
     runtime: RuntimeConfig = ctx.cfg.runtime
     out = SweepOutput(ctx.out_dir)

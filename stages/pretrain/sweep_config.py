@@ -8,6 +8,7 @@ its weights (``tasks``, replacing ``pretrain.tasks``) and any other pretraining 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -33,8 +34,12 @@ class StudyRow(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    tasks: dict[str, float] = Field(min_length=1)  # the loss set: objective -> sampling ratio
+    # the loss set: objective -> sampling ratio (a pretraining study's rows; none in a finetuning study's)
+    tasks: dict[str, float] = {}
     pretrain: dict[str, Any] = {}  # other pretrain settings of this row (``masking``, ``wra_weight``, ...)
+    # finetune settings of this row's downstream stages (merged into the pipeline's ``finetune`` section):
+    # what a finetuning study's rows differ in (IAIS variants), or a pretraining study's rows' own
+    finetune: dict[str, Any] = {}
     # The paper's delta to the baseline row on each metric (the table prints it beside ours); a note
     # says which table and row it comes from.
     paper: dict[str, float] = {}
@@ -60,33 +65,42 @@ class AshaConfig(BaseModel):
     reduction_factor: int = Field(2, ge=2)
 
 
+# UNITER's Meta-Sum on the demo world's splits: VQA, Flickr30k IR and TR R@1 (finetuned), NLVR2 test-P,
+# RefCOCO testA (UNITER's is RefCOCO+, which the world lacks).
+UNITER_META_SUM = ("vqa/pretrained/val2014/vqa_score", "retrieval/flickr30k/pretrained/test/full/ir_r1",
+                   "retrieval/flickr30k/pretrained/test/full/tr_r1", "nlvr2/pretrained/test1/nlvr2_acc",
+                   "refcoco/pretrained/testA/refcoco_acc")
+
+
 class Downstream(BaseModel):
     """Rows evaluated downstream: each trial's encoder (or each row's best seed) through the finetune and eval
     stages of ``tasks`` (``finetune.encoder: sweep:<trial>``, cached per trial), compared by the
     ``sweep_downstream`` stage on ``meta_sum``: 100 x the sum of these eval metrics, named as the stages log
-    them (``<task>/<variant>/<split>/<metric>``). The default is UNITER's Meta-Sum on the demo world's
-    splits: VQA, Flickr30k IR and TR R@1 (finetuned), NLVR2 test-P, RefCOCO testA (UNITER's is RefCOCO+,
-    which the world lacks)."""
+    them (``<task>/<variant>/<split>/<metric>``); by default, those of UNITER's Meta-Sum among the tasks."""
 
     model_config = ConfigDict(extra="forbid")
 
     tasks: list[str] = ["retrieval", "vqa", "nlvr2", "refcoco"]
     trials: Literal["every_seed", "best_seed"] = "every_seed"
-    meta_sum: list[str] = Field(["vqa/pretrained/val2014/vqa_score",
-                                 "retrieval/flickr30k/pretrained/test/full/ir_r1",
-                                 "retrieval/flickr30k/pretrained/test/full/tr_r1",
-                                 "nlvr2/pretrained/test1/nlvr2_acc",
-                                 "refcoco/pretrained/testA/refcoco_acc"], min_length=1)
+    # None: those of UNITER_META_SUM among the tasks
+    meta_sum: list[str] | None = Field(None, min_length=1)
+    report: list[str] = []  # more eval metrics in the table, not summed (IAIS's ISDa)
 
     @model_validator(mode="after")
     def _consistent(self) -> Downstream:
         unknown = [t for t in self.tasks if t not in TASK_NAMES]
         if unknown or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks: {self.tasks}: each once, from {', '.join(TASK_NAMES)}")
-        for name in self.meta_sum:
-            if name.partition("/")[0] not in self.tasks:
-                raise ValueError(f"meta_sum: {name!r} is not a metric of the tasks {self.tasks} "
-                                 "(<task>/<variant>/<split>/<metric>)")
+        if self.meta_sum is None:
+            self.meta_sum = [m for m in UNITER_META_SUM if m.partition("/")[0] in self.tasks]
+            if not self.meta_sum:
+                raise ValueError(f"meta_sum: none of UNITER's Meta-Sum metrics is one of the tasks "
+                                 f"{self.tasks}: name the metrics to sum")
+        for field, names in (("meta_sum", self.meta_sum), ("report", self.report)):
+            for name in names:
+                if name.partition("/")[0] not in self.tasks:
+                    raise ValueError(f"{field}: {name!r} is not a metric of the tasks {self.tasks} "
+                                     "(<task>/<variant>/<split>/<metric>)")
         return self
 
 
@@ -94,6 +108,11 @@ class Study(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    # A pretraining study (the sweep stage: its rows are loss sets, each trial a Ray Tune pretraining run),
+    # or a finetuning study (false): its rows are finetune settings, each trial the downstream stages of one
+    # row and finetuning seed, starting from the pipeline's encoder (``finetune.encoder``); needs
+    # ``downstream``.
+    pretraining: bool = True
     # The pipeline config (its ``name``) the study is written for, when its rows build on that config's
     # pretrain section or data (CODIS's teacher and queues, UNITER's in-domain mix); another is refused.
     config: str | None = None
@@ -121,19 +140,43 @@ class Study(BaseModel):
             raise ValueError(f"baseline {self.baseline!r} is not a row (rows: {', '.join(names)})")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: a seed appears twice: {self.seeds}")
-        if self.downstream is not None and self.asha.enabled:
-            raise ValueError("downstream: rows are compared downstream in a final comparison, where every "
-                             "trial finishes: set asha: {enabled: false}")
+        if self.pretraining:
+            untrained = [r.name for r in self.rows if not r.tasks]
+            if untrained:
+                raise ValueError(f"rows {untrained}: a pretraining study's row needs its loss set (tasks)")
+            if self.downstream is not None and self.asha.enabled:
+                raise ValueError("downstream: rows are compared downstream in a final comparison, where "
+                                 "every trial finishes: set asha: {enabled: false}")
+        else:
+            trained = [r.name for r in self.rows if r.tasks or r.pretrain]
+            if trained or self.downstream is None or self.downstream.trials != "every_seed":
+                raise ValueError("pretraining: false (a finetuning study) needs downstream (every_seed) and "
+                                 f"rows of finetune settings only; rows {trained} set tasks or pretrain")
         return self
 
     def downstream_trials(self) -> list[str]:
         """What the downstream comparison finetunes: every trial (``<row>-s<seed>``) or every row (its best
         seed, resolved once the study ran)."""
+        return list(self.downstream_overrides())
+
+    def downstream_overrides(self) -> dict[str, tuple[str, ...]]:
+        """Each downstream trial's config overrides: its encoder (a pretraining study's trial or row) or its
+        finetuning seed (a finetuning study's), one root seed (the study's regions are the first seed's),
+        and its row's finetune settings."""
+        out: dict[str, tuple[str, ...]] = {}
         if self.downstream is None:
-            return []
-        if self.downstream.trials == "best_seed":
-            return [r.name for r in self.rows]
-        return [trial_name(r.name, s) for r in self.rows for s in self.seeds]
+            return out
+        for row in self.rows:
+            settings = ("seeds=[]", *dotted("finetune", row.finetune))
+            if self.downstream.trials == "best_seed":
+                out[row.name] = (f"finetune.encoder=sweep:{row.name}", *settings)
+                continue
+            for seed in self.seeds:
+                trial = trial_name(row.name, seed)
+                own = (f"finetune.encoder=sweep:{trial}" if self.pretraining
+                       else f"finetune.common.seed={seed}")
+                out[trial] = (own, *settings)
+        return out
 
     @property
     def baseline_row(self) -> str:
@@ -165,6 +208,15 @@ class SweepConfig(BaseModel):
             raise ValueError(f"study file {path}: not YAML ({' '.join(str(err).split())})") from None
 
 
+def dotted(prefix: str, settings: dict[str, Any]) -> list[str]:
+    """``settings`` as ``prefix.a.b=<JSON value>`` overrides (JSON is YAML: the override parser reads it)."""
+    out = []
+    for key, value in settings.items():
+        path = f"{prefix}.{key}"
+        out += dotted(path, value) if isinstance(value, dict) and value else [f"{path}={json.dumps(value)}"]
+    return out
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
@@ -188,6 +240,8 @@ def row_config(base: PretrainConfig, study: Study, row: StudyRow) -> PretrainCon
 def check_rows(base: PretrainConfig, study: Study) -> None:
     """ASHA's grace period is within the budget, and every row's pretraining config is valid and reports the
     study metric; ValueError naming the field or the row."""
+    if not study.pretraining:
+        return
     steps = study.steps or base.steps
     if study.asha.enabled and study.asha.grace_steps >= steps:
         raise ValueError(f"asha.grace_steps ({study.asha.grace_steps}) must be below the step budget "
