@@ -116,9 +116,9 @@ class PipelineConfig(BaseModel):
                     raise ValueError(_format_validation_error(f"sweep.study.rows[{i}] ({row.name}).finetune",
                                                               err)) from None
         if encoder_stage(self.finetune.encoder) == "sweep":
-            if study is None:
+            if study is None or not study.pretraining:
                 raise ValueError("finetune.encoder: 'sweep' starts finetuning from the loss study's best "
-                                 "trial, but sweep.study names no study")
+                                 "trial, but sweep.study names no pretraining study")
             trial = encoder_trial(self.finetune.encoder)
             names = {r.name for r in study.rows} | {trial_name(r.name, s) for r in study.rows
                                                     for s in study.seeds}

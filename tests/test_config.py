@@ -150,7 +150,9 @@ def test_task_options_are_typed_and_checked_when_the_config_loads():
 
 def test_finetuning_from_the_sweep_needs_a_study():
     with pytest.raises(ConfigError, match=r"finetune.encoder: 'sweep' starts finetuning from the loss "
-                                          r"study's best trial, but sweep.study names no study"):
+                                          r"study's best trial, but sweep.study names no pretraining study"):
         load_config(None, ["finetune.encoder=sweep", "sweep.study=null"])
+    with pytest.raises(ConfigError, match=r"names no pretraining study"):
+        load_config(None, ["finetune.encoder=sweep", "sweep.study=configs/sweeps/iais.yaml"])
     with pytest.raises(ConfigError, match=r"several seeds: the study pretrains on the first seed's regions"):
         load_config(None, ["finetune.encoder=sweep", "seeds=[0,1]"])
