@@ -58,7 +58,8 @@ class StageSpec:
     # did), so the graph runs them one at a time.
     ray_data: bool = False
     # Planned once over the trials of the study (``sweep.study.downstream``): its inputs are each trial's
-    # ``eval_<task>`` (``eval_<task>@<trial>``), planned with ``finetune.encoder=sweep:<trial>``.
+    # ``eval_<task>`` (``eval_<task>@<trial>``), planned with the trial's overrides (``finetune.encoder=
+    # sweep:<trial>``, or a finetuning study's seed and settings).
     over_trials: bool = False
 
     @property

@@ -4,9 +4,9 @@ The planner runs, for every trial of the study (or every row's best seed), the `
 downstream tasks with everything they need under ``finetune.encoder=sweep:<trial>``: each trial's encoder is
 finetuned and evaluated like the pipeline's own, cached per trial. A finetuning study (``pretraining:
 false``: IAIS's variants) has no pretraining trials: its trials are its rows' finetune settings under each
-finetuning seed, from the pipeline's encoder. This stage reads their metrics, sums the
-study's Meta-Sum metrics (x 100, UNITER's units), and writes the comparison as the sweep does for validation
-metrics: per row mean, sample sd, min-max and n, the delta to the baseline row, the paper's delta (a row's
+finetuning seed, from the pipeline's encoder. This stage reads their metrics, sums the study's Meta-Sum
+metrics (x 100, UNITER's units), and writes the comparison as the sweep does for validation metrics: per row
+mean, sample sd, min-max and n, the delta to the baseline row, the paper's delta (a row's
 ``paper: {meta_sum: ...}``), and a chart.
 """
 
