@@ -286,3 +286,36 @@ def test_a_study_runs_trials_on_tune_and_train_and_registers_the_best_encoder(lo
         assert torch.equal(loaded.state_dict()[key], value), key
     version = client.get_model_version_by_alias("enc", "champion")
     assert version.run_id == by_trial[best["trial"]].info.run_id
+
+
+@pytest.mark.slow
+def test_a_study_run_again_reports_its_completed_trials_without_training_them(local_ray, tmp_path):
+    store = build_store(tmp_path / "store", n_images=40)
+    base = PretrainConfig(
+        train_dbs=["toy_train"], batch_units=300, num_workers=1, log_every=2,
+        optim={"warmup": 0.1, "lr": 1e-3},
+        validation={"dbs": ["toy_val"], "holdout_images": 0, "retrieval_db": "toy_test",
+                    "retrieval_chunk": (3, 16)})
+    s = study(seeds=[0], steps=4, report_every=2, asha={"enabled": False}, table_metrics=["itm_acc"])
+    out = SweepOutput(tmp_path / "out")
+    cfg = SimpleNamespace(pretrain=base, sweep=SweepConfig(study=s), seed=0,
+                          runtime=RuntimeConfig(precision="fp32"), ray=RayConfig())
+    ctx = StageContext(cfg=cfg, workdir=tmp_path, out_dir=out.root,
+                       inputs={"txtdb": store.txtdb.root, "features": store.features.root})
+    task = ray.remote(num_cpus=0)(run_study).options(
+        runtime_env={"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}})
+    steps_dir = tmp_path / "steps"
+    steps_dir.mkdir()
+    hooks = [TrialSteps(str(steps_dir), kill_at=-1, after=0)]  # records every trial's steps, kills none
+    first = ray.get(task.remote(ctx, hooks=hooks))
+    first_trials = json.loads(out.study_path.read_text())["trials"]
+    # The stage stopped after its trials completed (a killed driver, a machine out of memory) runs again in
+    # the same dir: every trial is reported from its last checkpoint, none trains again.
+    second = ray.get(task.remote(ctx, hooks=hooks))
+    assert json.loads(out.study_path.read_text())["trials"] == first_trials
+    assert {t["status"] for t in first_trials} == {COMPLETED}
+    timing = "study_minutes"
+    assert {k: v for k, v in second.metrics.items() if k != timing} == \
+        {k: v for k, v in first.metrics.items() if k != timing}
+    for trial in ("mlm_itm-s0", "+mrc_kl-s0"):
+        assert (steps_dir / f"{trial}.txt").read_text().split() == ["1", "2", "3", "4"]

@@ -127,9 +127,15 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     study = Study.model_validate(spec.study)
     row, seed = _row(study, config["row"]), int(config["seed"])
     cfg = row_config(PretrainConfig.model_validate(spec.base), study, row)
+    out = SweepOutput(Path(spec.out_dir)).trial(trial_name(row.name, seed))
+    done = final_checkpoint(out, cfg.steps)
+    if done is not None:
+        # Completed before the study was interrupted (the stage runs again): a run resumed at its last
+        # step trains and reports nothing, and Tune refuses a trial without the study metric: report again.
+        tune.report({"step": cfg.steps, **checkpointing.load_progress(done)["validation"]})
+        return
     inputs = spec.inputs()
     preflight(cfg, seed, inputs)
-    out = SweepOutput(Path(spec.out_dir)).trial(trial_name(row.name, seed))
     trainer = build_trainer(cfg, inputs, out.train_dir, seed=seed, runtime=RuntimeConfig(**spec.runtime),
                             metrics=trial_run(spec, row, seed, cfg), hooks=spec.hooks,
                             placement=spec.placement, controller_failure_limit=spec.controller_failure_limit)
