@@ -236,8 +236,8 @@ def test_a_study_runs_trials_on_tune_and_train_and_registers_the_best_encoder(lo
     assert trials[killed]["status"] == COMPLETED and trials[killed]["step"] == 8
     for name, t in trials.items():
         assert t["status"] in (COMPLETED, STOPPED), (name, t)
-        if t["status"] == STOPPED:  # last report at the first rung; ended by Tune before its last checkpoint
-            assert t["step"] == 4 and not out.trial(name).metrics_path.exists()
+        if t["status"] == STOPPED:  # stopped at the first rung (the stop may reach it a few steps later)
+            assert t["step"] >= 4 and not out.trial(name).metrics_path.exists()
         else:
             final = json.loads(out.trial(name).metrics_path.read_text())["final"]
             assert t["metrics"] == final and {"itm_acc", "zs_ir_r1", "mlm_acc"} <= final.keys()
@@ -268,7 +268,11 @@ def test_a_study_runs_trials_on_tune_and_train_and_registers_the_best_encoder(lo
         params = run.data.params
         assert params["row"] == trials[name]["row"] and params["seed"] == str(trials[name]["seed"])
         history = [m.step for m in client.get_metric_history(run.info.run_id, "val/itm_acc")]
-        assert history[0] == 0 and history[-1] == trials[name]["step"], (name, history)
+        assert history[0] == 0, (name, history)
+        if trials[name]["status"] == COMPLETED:
+            assert history[-1] == trials[name]["step"], (name, history)
+        else:  # ASHA's stop may reach the trial steps after its decision (its validations go on meanwhile)
+            assert history[-1] >= trials[name]["step"], (name, history)
     assert by_trial[killed].data.params["tasks.itm"] == "1.0"
 
     # The best trial's encoder is in the registry as enc@champion and loads with its trained weights.
@@ -319,3 +323,19 @@ def test_a_study_run_again_reports_its_completed_trials_without_training_them(lo
         {k: v for k, v in first.metrics.items() if k != timing}
     for trial in ("mlm_itm-s0", "+mrc_kl-s0"):
         assert (steps_dir / f"{trial}.txt").read_text().split() == ["1", "2", "3", "4"]
+
+
+def test_a_final_checkpoint_cut_mid_copy_does_not_count(tmp_path):
+    from stages.outputs.pretrain import PretrainOutput
+    from stages.pretrain.checkpointing import save
+    from stages.pretrain.stage import RUN_NAME
+    from stages.pretrain.sweep import final_checkpoint
+
+    trial = PretrainOutput(tmp_path / "trial")
+    directory = trial.train_dir / RUN_NAME / "checkpoint_2026-12-04_00-00-00"
+    directory.mkdir(parents=True)
+    save(directory, {"step": 8, "weights": torch.zeros(1000)}, {"step": 8})
+    assert final_checkpoint(trial, 8) == directory and final_checkpoint(trial, 9) is None
+    state = directory / "state.pt"
+    state.write_bytes(state.read_bytes()[:-200])  # the copy into storage cut short
+    assert final_checkpoint(trial, 8) is None

@@ -27,6 +27,7 @@ import io
 import json
 import statistics
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,12 +147,24 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
 
 
 def final_checkpoint(trial: PretrainOutput, steps: int) -> Path | None:
-    """The trial's checkpoint of its last step, if it got there."""
+    """The trial's checkpoint of its last step, if it got there and the checkpoint is whole. ASHA's stop can
+    reach a trial after it trained on and while Train copies its last checkpoint into storage: the copy then
+    holds progress.json and a cut state.pt (seen in CI), and the trial counts as stopped."""
     for directory in sorted((trial.train_dir / RUN_NAME).glob("checkpoint_*")):
         progress = directory / checkpointing.PROGRESS_FILE
-        if progress.is_file() and checkpointing.load_progress(directory)["step"] == steps:
+        if progress.is_file() and checkpointing.load_progress(directory)["step"] == steps \
+                and _whole(directory / checkpointing.STATE_FILE):
             return directory
     return None
+
+
+def _whole(state: Path) -> bool:
+    """Whether a torch.save file is complete: a zip whose central directory (written last) is there."""
+    try:
+        with zipfile.ZipFile(state):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def export_trial(study: Study, base: PretrainConfig, inputs: PretrainInputs, trial: dict[str, Any],
