@@ -291,5 +291,5 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
         img_db.close()
     out.write_metrics(metrics)
     return StageResult(metrics=flatten(metrics), params={"task": task, "splits": cfg.splits_of(task),
-                                                         "encoder": encoder_name(ctx.inputs, encoder)},
+                                                         "encoder": encoder_name(s.pre, encoder)},
                        artifacts=[out.metrics_path.name, *artifacts])

@@ -224,5 +224,5 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     steps = {f"{r['name']}/val/{k}": r["steps"] for r in records for k in r["val"]}
     final |= {f"{r['name']}/steps": float(r["steps"]) for r in records}
     return StageResult(metrics=final, params={"task": task, "variants": [r["name"] for r in records],
-                                              "encoder": encoder_name(ctx.inputs, ctx.cfg.finetune.encoder)},
+                                              "encoder": encoder_name(s.pre, ctx.cfg.finetune.encoder)},
                        artifacts=[out.variants_path.name], metric_steps=steps)

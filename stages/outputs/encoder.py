@@ -36,8 +36,7 @@ def pretrained_input(inputs: Mapping[str, Path], encoder: str) -> PretrainOutput
     return PretrainOutput(inputs["pretrain"])
 
 
-def encoder_name(inputs: Mapping[str, Path], encoder: str) -> str:
-    """``pretrain``, or ``sweep:<row>-s<seed>`` naming the trial: the stage's record of where it started."""
-    if encoder_stage(encoder) == "sweep":
-        return f"sweep:{SweepOutput(inputs['sweep']).trial_of(encoder_trial(encoder))}"
-    return "pretrain"
+def encoder_name(pretrained: PretrainOutput, encoder: str) -> str:
+    """``pretrain``, or ``sweep:<row>-s<seed>`` naming the trial ``pretrained`` is (its dir,
+    trials/<row>-s<seed>/): the stage's record of where it started."""
+    return f"sweep:{pretrained.root.name}" if encoder_stage(encoder) == "sweep" else "pretrain"
