@@ -199,7 +199,8 @@ def test_a_trial_holds_no_cpu_so_its_train_workers_can_take_every_cpu(local_ray,
 
 
 @pytest.mark.slow
-def test_a_study_runs_trials_on_tune_and_train_and_registers_the_best_encoder(local_ray, tmp_path):
+def test_a_study_runs_trials_on_tune_and_train_and_registers_the_best_encoder(local_ray, tmp_path,
+                                                                              monkeypatch):
     store = build_store(tmp_path / "store", n_images=40)
     base = PretrainConfig(
         train_dbs=["toy_train"], batch_units=300, num_workers=1, log_every=2,
@@ -282,7 +283,9 @@ def test_a_study_runs_trials_on_tune_and_train_and_registers_the_best_encoder(lo
              for r in {t["row"] for t in done}}
     assert best["row"] == max(means, key=means.get)
     assert best["registered"]["uri"] == "models:/enc@champion"
-    mlflow.set_tracking_uri(uri)
+    # Through the environment, which monkeypatch restores: mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI
+    # for the rest of the process, and a later test module's pipeline runs in this worker logged there.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     loaded = mlflow.pytorch.load_model("models:/enc@champion")
     trained = out.best_trial().model().encoder.state_dict()
     assert loaded.state_dict().keys() == trained.keys()
