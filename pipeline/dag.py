@@ -24,7 +24,7 @@ import ray
 from pipeline.cache import StageStore, code_digest, content_digest, stage_key
 from pipeline.config import PipelineConfig, with_overrides
 from pipeline.stages import ALL, STAGES
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, mlflow_metric_names
 from stages.base import MetricLogger, StageContext, StageError
 from stages.outputs import StageOutput
 from stages.outputs.world import WorldOutput
@@ -342,7 +342,8 @@ def _record(ps: PlannedStage, manifest: dict[str, Any], store: StageStore, track
     """Log a committed stage's metrics, params, tags and artifacts to its child run and close the run."""
     final = store.final_dir(ps.name, ps.key)
     final_metrics = {**manifest["metrics"], "stage_seconds": manifest["seconds"]}
-    MetricLogger(tracker.uri, run_id).log(final_metrics, steps=manifest.get("metric_steps"))
+    final_metrics, steps = mlflow_metric_names(final_metrics, manifest.get("metric_steps"))
+    MetricLogger(tracker.uri, run_id).log(final_metrics, steps=steps)
     tracker.log(
         run_id,
         params={"config": ps.config, "inputs": ps.inputs, **manifest["params"]},

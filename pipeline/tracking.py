@@ -8,6 +8,7 @@ any Ray worker process can open its own run and log live (training curves later)
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,25 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 # MLflow 3's UI opens an experiment on the view its kind names; ours train models (runs, metrics, the model
 # registry), not GenAI traces, which the UI may otherwise infer for an experiment it has not classified.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+# MLflow's metric-name alphabet; anything else (a study row named "+wra") becomes "_" when logged.
+_NOT_IN_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def mlflow_metric_names(metrics: dict[str, float], steps: dict[str, int] | None = None,
+                        ) -> tuple[dict[str, float], dict[str, int]]:
+    """``metrics`` (and their ``steps``) under names MLflow accepts; the manifest keeps the stage's own.
+    Two names that become one stop with a one-line error instead of one overwriting the other."""
+    renamed: dict[str, str] = {}
+    for name in metrics:
+        safe = _NOT_IN_METRIC_NAME.sub("_", name)
+        if safe in renamed.values():
+            other = next(k for k, v in renamed.items() if v == safe)
+            raise ValueError(f"metrics {other!r} and {name!r} are both {safe!r} in MLflow; rename one")
+        renamed[name] = safe
+    return ({renamed[k]: v for k, v in metrics.items()},
+            {renamed[k]: v for k, v in (steps or {}).items() if k in renamed})
 
 
 class Tracker:
