@@ -26,12 +26,34 @@ def tracking_uri(configured: str | None, workdir: Path) -> str:
     )
 
 
+# MLflow's alphabet for param and metric names; anything else (a study row named "+wra") becomes "_".
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def mlflow_name(name: str) -> str:
+    return _NOT_IN_NAME.sub("_", name)
+
+
+def mlflow_metric_names(metrics: dict[str, float], steps: dict[str, int] | None = None,
+                        ) -> tuple[dict[str, float], dict[str, int]]:
+    """``metrics`` (and their ``steps``) under names MLflow accepts; the manifest keeps the stage's own.
+    Two names that become one stop with a one-line error instead of one overwriting the other."""
+    owner: dict[str, str] = {}  # MLflow name -> the stage's name
+    for name in metrics:
+        safe = mlflow_name(name)
+        if owner.setdefault(safe, name) != name:
+            raise ValueError(f"metrics {owner[safe]!r} and {name!r} are both {safe!r} in MLflow; rename one")
+    renamed = {name: safe for safe, name in owner.items()}
+    return ({renamed[k]: v for k, v in metrics.items()},
+            {renamed[k]: v for k, v in (steps or {}).items() if k in renamed})
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(data, dict):
         out: dict[str, str] = {}
         for k, v in data.items():
-            # MLflow refuses "@" in a name: a seed's stage label ("pretrain@1") becomes "pretrain.seed1".
-            out.update(flatten(v, f"{prefix}{str(k).replace('@', '.seed')}."))
+            # A seed's stage label ("pretrain@1") becomes "pretrain.seed1", not "pretrain_1".
+            out.update(flatten(v, f"{prefix}{mlflow_name(str(k).replace('@', '.seed'))}."))
         return out
     return {prefix.rstrip("."): str(data)[:MAX_PARAM_LEN]}
 
@@ -39,25 +61,6 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 # MLflow 3's UI opens an experiment on the view its kind names; ours train models (runs, metrics, the model
 # registry), not GenAI traces, which the UI may otherwise infer for an experiment it has not classified.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
-
-
-# MLflow's metric-name alphabet; anything else (a study row named "+wra") becomes "_" when logged.
-_NOT_IN_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")
-
-
-def mlflow_metric_names(metrics: dict[str, float], steps: dict[str, int] | None = None,
-                        ) -> tuple[dict[str, float], dict[str, int]]:
-    """``metrics`` (and their ``steps``) under names MLflow accepts; the manifest keeps the stage's own.
-    Two names that become one stop with a one-line error instead of one overwriting the other."""
-    renamed: dict[str, str] = {}
-    for name in metrics:
-        safe = _NOT_IN_METRIC_NAME.sub("_", name)
-        if safe in renamed.values():
-            other = next(k for k, v in renamed.items() if v == safe)
-            raise ValueError(f"metrics {other!r} and {name!r} are both {safe!r} in MLflow; rename one")
-        renamed[name] = safe
-    return ({renamed[k]: v for k, v in metrics.items()},
-            {renamed[k]: v for k, v in (steps or {}).items() if k in renamed})
 
 
 class Tracker:
