@@ -223,6 +223,8 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
         if item["type"] == "extra_forbidden":
             problems.append(f"unknown key {key!r}")
+        elif not item["loc"]:  # a check across sections: its input is the whole config, its message the keys
+            problems.append(item["msg"].removeprefix("Value error, "))
         else:
             problems.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
     return f"{source}: " + "; ".join(problems)

@@ -80,6 +80,20 @@ def test_a_bad_study_stops_the_config_with_one_line_naming_the_row(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep\.study\.asha\.grace_steps \(40\) must be below the step "
                                           r"budget \(40\)"):
         load_config(TINY, [f"sweep.study={path}"])
+    # tiny: 30 steps, a report every 10, the retrieval validation every 750 steps (and at the end)
+    path.write_text("name: s\nmetric: r_precision\nasha: {enabled: false}\n"
+                    "rows:\n  - {name: a, tasks: {mlm: 1, itm: 1, vta: 1}}\n")
+    with pytest.raises(ConfigError, match=r"sweep\.study\.rows\[0\] \(a\): the study metric r_precision "
+                                          r"comes from the zero-shot retrieval validation \(every "
+                                          r"validation\.retrieval_every = 750 steps\), which not every "
+                                          r"report \(report_every = 10\) runs") as err:
+        load_config(TINY, [f"sweep.study={path}"])
+    assert "(got" not in str(err.value)  # a check across sections does not print the whole config
+    for fix in ("report_every: 30\n", "report_every: 20\n"):  # the last step only / every retrieval run
+        path.write_text(f"name: s\nmetric: zs_ir_r1\n{fix}asha: {{enabled: false}}\n"
+                        "rows:\n  - {name: a, tasks: {mlm: 1, itm: 1}}\n")
+        over = ["pretrain.validation.retrieval_every=10"] if "20" in fix else []
+        assert load_config(TINY, [f"sweep.study={path}", *over]).sweep.study.metric == "zs_ir_r1"
     with pytest.raises(ConfigError, match=r"sweep\.study: .*study file .*nowhere\.yaml not found"):
         load_config(TINY, ["sweep.study=nowhere.yaml"])
     with pytest.raises(ValueError, match="baseline 'c' is not a row"):

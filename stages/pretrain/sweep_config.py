@@ -255,6 +255,27 @@ def check_rows(base: PretrainConfig, study: Study) -> None:
         if needs is not None and needs not in cfg.tasks:
             raise ValueError(f"rows[{i}] ({row.name}): the study metric {study.metric} needs the {needs} "
                              f"task, which the row does not train")
+        if _from_retrieval(study.metric) and not _reports_retrieval(cfg):
+            raise ValueError(f"rows[{i}] ({row.name}): the study metric {study.metric} comes from the "
+                             f"zero-shot retrieval validation (every validation.retrieval_every = "
+                             f"{cfg.validation.retrieval_every} steps), which not every report ("
+                             f"report_every = {cfg.validation.every}) runs: make report_every a "
+                             "multiple of it")
+
+
+# Metrics only the zero-shot retrieval validation writes (``vlp.train.validate``: ITM / ITC recall, LAViTeR's
+# DAMSM recall, R-precision, Fréchet distances and captioning scores).
+RETRIEVAL_METRICS = re.compile(r"zs_|r_precision|frechet_|bleu\d|cider$")
+
+
+def _from_retrieval(metric: str) -> bool:
+    return RETRIEVAL_METRICS.match(metric) is not None
+
+
+def _reports_retrieval(cfg: PretrainConfig) -> bool:
+    """Every report (each ``validation.every`` steps and the last step) runs the retrieval validation."""
+    every, retrieval = cfg.validation.every, cfg.validation.retrieval_every
+    return every >= cfg.steps or (retrieval > 0 and every % retrieval == 0)
 
 
 def metric_task(metric: str) -> str | None:
