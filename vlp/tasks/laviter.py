@@ -58,8 +58,8 @@ def damsm_heads(objectives: Mapping[str, nn.Module]) -> tuple[VTA | None, LAViTe
     if "laviter" in objectives:
         laviter = objectives["laviter"]
         return laviter.vta, laviter
-    vta = objectives.get("vta") if hasattr(objectives, "get") else None
-    return vta, None
+    # ``in`` and ``[]``: a model's objectives are an nn.ModuleDict, which has no ``get``
+    return (objectives["vta"] if "vta" in objectives else None), None
 
 
 def _chunks(n: int, size: int):
