@@ -1,6 +1,34 @@
+import json
 import os
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
+
+# Two xdist workers each take a whole test file when they run dry (`--dist loadfile`). Left in xdist's own
+# order (most tests first), the few long end-to-end files came last, and one of them ran on while the other
+# worker idled. Files go heaviest first by their last measured time instead (FILE_SECONDS; files not in it
+# after them, in collection order), which `--record-file-seconds` rewrites from a full run.
+FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
+_measured: defaultdict[str, float] = defaultdict(float)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-file-seconds", action="store_true",
+                     help=f"write each test file's time (setup + call + teardown) to {FILE_SECONDS.name}")
+
+
+def pytest_collection_modifyitems(config, items):
+    seconds = json.loads(FILE_SECONDS.read_text())
+    items.sort(key=lambda item: -seconds.get(_file_of(item.nodeid), 0.0))  # stable: in-file order kept
+
+
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_runtest_logreport(report):
+    _measured[_file_of(report.nodeid)] += report.duration
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +71,11 @@ _exit_status: list[int] = []
 
 def pytest_sessionfinish(session, exitstatus):
     _exit_status.append(int(exitstatus))
+    config = session.config
+    # Under xdist the controller sees every worker's reports; a worker writes nothing.
+    if config.getoption("record_file_seconds") and not hasattr(config, "workerinput"):
+        ranked = sorted(_measured.items(), key=lambda kv: -kv[1])
+        FILE_SECONDS.write_text(json.dumps({f: round(s, 1) for f, s in ranked}, indent=1) + "\n")
 
 
 @pytest.hookimpl(trylast=True)
