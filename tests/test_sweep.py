@@ -37,7 +37,7 @@ from stages.pretrain.sweep import (
     run_study,
     table_markdown,
 )
-from stages.pretrain.sweep_config import Study, SweepConfig, row_config
+from stages.pretrain.sweep_config import Study, SweepConfig, metric_source, row_config
 from vlp.train.runtime import RuntimeConfig
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -102,6 +102,22 @@ def test_a_bad_study_stops_the_config_with_one_line_naming_the_row(tmp_path):
         study(rows=[{"name": "a", "tasks": {"itm": 1}}] * 2)
     with pytest.raises(ValueError, match="letters, digits"):
         study(rows=[{"name": "a/b", "tasks": {"itm": 1}}])
+
+
+@pytest.mark.parametrize("metric, source", [
+    ("itm_acc", ("itm", False)), ("mrc_kl_acc", ("mrc_kl", False)), ("owa_topk_acc", (None, False)),
+    ("itm_loss", (None, False)), ("zs_ir_r1", ("itm", True)), ("zs_itc_rerank_tr_r5", ("itc", True)),
+    ("zs_damsm_ir_r1", (None, True)), ("r_precision", (None, True)), ("cider", (None, True))])
+def test_a_study_metric_names_the_task_it_needs_and_whether_only_retrieval_validation_writes_it(metric,
+                                                                                             source):
+    assert metric_source(metric) == source
+
+
+def test_a_damsm_recall_metric_does_not_ask_rows_for_itm(tmp_path):
+    path = tmp_path / "s.yaml"  # vta alone scores zs_damsm_*; tiny reports its 30 steps only at the end
+    path.write_text("name: s\nmetric: zs_damsm_ir_r1\nreport_every: 30\nasha: {enabled: false}\n"
+                    "rows:\n  - {name: a, tasks: {mlm: 1, vta: 1}}\n")
+    assert load_config(TINY, [f"sweep.study={path}"]).sweep.study.rows[0].tasks == {"mlm": 1, "vta": 1}
 
 
 def test_the_ready_studies_load_with_the_config_they_name_and_no_other():

@@ -340,7 +340,8 @@ def comparison_figure(study: Study, trials: list[dict[str, Any]], path: Path) ->
         ax.scatter([i] * len(values), values, color="black", s=10, zorder=3)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel(study.metric)
-    ax.set_title(f"{study.name}: {study.metric} per row (mean ± sd, dots: seeds)")
+    # Two lines: a two-row study's chart is 4 inches wide, which clipped the one-line title.
+    ax.set_title(f"{study.name}: {study.metric} per row\n(mean ± sd, dots: seeds)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

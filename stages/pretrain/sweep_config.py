@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stages.pretrain.config import PretrainConfig
+from vlp.objectives import REGISTRY as OBJECTIVES
 from vlp.tasks.registry import TASK_NAMES
 
 # Rows name trial directories and MLflow runs.
@@ -251,11 +252,11 @@ def check_rows(base: PretrainConfig, study: Study) -> None:
             cfg = row_config(base, study, row)
         except ValueError as err:
             raise ValueError(f"rows[{i}] ({row.name}): {' '.join(str(err).split())}") from None
-        needs = metric_task(study.metric)
+        needs, from_retrieval = metric_source(study.metric)
         if needs is not None and needs not in cfg.tasks:
             raise ValueError(f"rows[{i}] ({row.name}): the study metric {study.metric} needs the {needs} "
                              f"task, which the row does not train")
-        if _from_retrieval(study.metric) and not _reports_retrieval(cfg):
+        if from_retrieval and not _reports_retrieval(cfg):
             raise ValueError(f"rows[{i}] ({row.name}): the study metric {study.metric} comes from the "
                              f"zero-shot retrieval validation (every validation.retrieval_every = "
                              f"{cfg.validation.retrieval_every} steps), which not every report ("
@@ -266,21 +267,23 @@ def check_rows(base: PretrainConfig, study: Study) -> None:
 # Metrics only the zero-shot retrieval validation writes (``vlp.train.validate``: ITM / ITC recall, LAViTeR's
 # DAMSM recall, R-precision, Fréchet distances and captioning scores).
 RETRIEVAL_METRICS = re.compile(r"zs_|r_precision|frechet_|bleu\d|cider$")
+# The zero-shot recall a task's head scores (``zs_itc_rerank_*`` shortlists by ITC, then ranks by ITM), most
+# specific prefix first; ``zs_damsm_*`` comes from the vta or the laviter task, so its name does not say.
+_RECALL_TASKS = (("zs_damsm_", None), ("zs_itc_", "itc"), ("zs_", "itm"))
 
 
-def _from_retrieval(metric: str) -> bool:
-    return RETRIEVAL_METRICS.match(metric) is not None
+def metric_source(metric: str) -> tuple[str | None, bool]:
+    """Where a validation metric comes from: the task it needs (``<task>_acc``, the recall prefixes above;
+    None when the name does not say: checked against the first report instead), and whether only the
+    zero-shot retrieval validation writes it."""
+    from_retrieval = RETRIEVAL_METRICS.match(metric) is not None
+    task = next((t for prefix, t in _RECALL_TASKS if metric.startswith(prefix)), None)
+    if task is None and metric.removesuffix("_acc") in OBJECTIVES:  # not owa_topk_acc (owa's)
+        task = metric.removesuffix("_acc")
+    return task, from_retrieval
 
 
 def _reports_retrieval(cfg: PretrainConfig) -> bool:
     """Every report (each ``validation.every`` steps and the last step) runs the retrieval validation."""
     every, retrieval = cfg.validation.every, cfg.validation.retrieval_every
     return every >= cfg.steps or (retrieval > 0 and every % retrieval == 0)
-
-
-def metric_task(metric: str) -> str | None:
-    """The task a validation metric comes from: ``<task>_acc``, or ITM for zero-shot retrieval (``zs_*``);
-    None when the name does not say (checked against the first report instead)."""
-    if metric.startswith("zs_"):
-        return "itm"
-    return metric.removesuffix("_acc") if metric.endswith("_acc") else None
