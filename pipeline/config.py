@@ -132,15 +132,34 @@ class PipelineConfig(BaseModel):
         return self
 
     def subset(self, paths: tuple[str, ...]) -> dict[str, Any]:
-        """The config values under the dotted ``paths``: what a stage reads, hence its cache key."""
+        """The config values under the dotted ``paths``: what a stage reads, hence its cache key. A path
+        ``-<path>`` drops that part of an earlier path's section (``-sweep.study.downstream``)."""
         dumped = self.model_dump(mode="json")
-        out = {}
+        out: dict[str, Any] = {}
         for path in paths:
+            if path.startswith("-"):
+                _drop(out, path[1:])
+                continue
             node: Any = dumped
             for part in path.split("."):
                 node = node[part]
             out[path] = node
         return out
+
+
+def _drop(subset: dict[str, Any], path: str) -> None:
+    """Remove ``path`` from the subset section it lies in (nothing when that section is unset)."""
+    section = next((p for p in subset if path.startswith(p + ".")), None)
+    if section is None:
+        raise ValueError(f"config path -{path}: no earlier path holds it")
+    node = subset[section]
+    *parents, last = path[len(section) + 1:].split(".")
+    for part in parents:
+        if node is None:
+            return
+        node = node[part]
+    if node is not None:
+        node.pop(last)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

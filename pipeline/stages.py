@@ -1,8 +1,8 @@
 """The stage registry: what each stage runs, what it reads from the config, and what it depends on.
 
-``config`` lists the dotted config sections a stage reads; the code it runs is the import closure of its
-entry module (``pipeline/imports.py``), computed, never listed. Changing either reruns the stage and,
-through the input keys, everything downstream of it.
+``config`` lists the dotted config sections a stage reads (``-<path>``: a part of one it does not); the
+code it runs is the import closure of its entry module (``pipeline/imports.py``), computed, never listed.
+Changing either reruns the stage and, through the input keys, everything downstream of it.
 """
 
 from __future__ import annotations
@@ -184,9 +184,11 @@ STAGES: dict[str, StageSpec] = {
             name="sweep",
             output=SweepOutput,
             entry="stages.pretrain.sweep:run",
-            # the study, and the pretrain section its rows start from; not registered_model (where the best
-            # encoder is registered changes no result)
-            config=("pretrain", "sweep.study", "runtime.precision", "runtime.threads"),
+            # the study, and the pretrain section its rows start from; not the study's downstream section
+            # (what sweep_downstream does with the trials) nor registered_model (where the best encoder is
+            # registered changes no result)
+            config=("pretrain", "sweep.study", "-sweep.study.downstream", "runtime.precision",
+                    "runtime.threads"),
             upstream=lambda cfg: ("txtdb", "features") + (
                 ("alignment",) if cfg.sweep.study is not None
                 and any("owa" in r.tasks for r in cfg.sweep.study.rows) else ()),
@@ -241,8 +243,10 @@ STAGES: dict[str, StageSpec] = {
                 args=(task,),
                 config=("eval.common", f"eval.splits.{task}", "finetune.encoder", "runtime.eval_precision",
                         "runtime.threads", "runtime.skip_missing_images")
-                + (("eval.retrieval",) if task == "retrieval" else ()),
-                upstream=lambda cfg, task=task: eval_upstream(task, cfg.finetune.encoder),
+                # retrieval: the datasets whose test splits a zero-shot-only evaluation scores
+                + (("eval.retrieval", "finetune.retrieval.datasets") if task == "retrieval" else ()),
+                upstream=lambda cfg, task=task: eval_upstream(task, cfg.finetune.encoder,
+                                                              cfg.eval.retrieval.finetuned),
                 cpus=lambda cfg: cfg.runtime.threads,
             )
             for task in TASK_NAMES

@@ -129,11 +129,9 @@ def test_a_studys_trials_are_finetuned_evaluated_and_compared_downstream(graph, 
     workdir, _ = graph
     meta = "nlvr2/pretrained/test1/nlvr2_acc"
     study = tmp_path / "study.yaml"
-    study.write_text(json.dumps({
-        "name": "micro_downstream", "seeds": [0, 1], "steps": 4, "report_every": 2,
-        "asha": {"enabled": False},
-        "rows": [{"name": "a", "tasks": {"mlm": 1, "itm": 1}}],
-        "downstream": {"tasks": ["nlvr2"], "meta_sum": [meta]}}))
+    trials = {"name": "micro_downstream", "seeds": [0, 1], "steps": 4, "report_every": 2,
+              "asha": {"enabled": False}, "rows": [{"name": "a", "tasks": {"mlm": 1, "itm": 1}}]}
+    study.write_text(json.dumps(trials | {"downstream": {"tasks": ["nlvr2"], "meta_sum": [meta]}}))
     args = ["--stage", "sweep_downstream", f"sweep.study={study}"]
     assert main(["--config", str(MICRO), "--workdir", str(workdir), *args]) == 0
     store = StageStore(workdir)
@@ -156,3 +154,24 @@ def test_a_studys_trials_are_finetuned_evaluated_and_compared_downstream(graph, 
     (_, children), *_ = [(p, c) for p, c in runs_by_parent(workdir)
                          if any(r.info.run_name == "sweep_downstream" for r in c)]
     assert {"finetune_nlvr2@a-s0", "eval_nlvr2@a-s1", "sweep"} <= {r.info.run_name for r in children}
+
+    # The same trials compared zero-shot: the study's trials are reused (its downstream section is not in
+    # their key), and each trial's model is evaluated by eval_retrieval alone.
+    zero_shot_meta = "retrieval/flickr30k/zero_shot/test/full/ir_r1"
+    zero_shot = tmp_path / "zero_shot.yaml"
+    zero_shot.write_text(json.dumps(trials | {"downstream": {"finetune": False, "tasks": ["retrieval"],
+                                                             "meta_sum": [zero_shot_meta]}}))
+    args = ["--stage", "sweep_downstream", f"sweep.study={zero_shot}"]
+    again = {p.label: p for p in plan(load_config(MICRO, args[2:]), "sweep_downstream", store)}
+    assert again["sweep"].cached and again["sweep"].key == planned["sweep"].key
+    assert not [label for label in again if label.startswith("finetune_retrieval@")]
+    assert main(["--config", str(MICRO), "--workdir", str(workdir), *args]) == 0
+    compared = json.loads((store.final_dir("sweep_downstream", again["sweep_downstream"].key)
+                           / "downstream.json").read_text())
+    for trial in compared["trials"]:
+        evaluated = store.manifest("eval_retrieval", again[f"eval_retrieval@{trial['trial']}"].key)
+        assert evaluated["params"]["encoder"] == f"sweep:{trial['trial']}"
+        assert {m.partition("/")[0] for m in evaluated["metrics"]} == {"flickr30k", "coco"}
+        assert {m.split("/")[1] for m in evaluated["metrics"]} == {"zero_shot"}
+        r1 = evaluated["metrics"][zero_shot_meta.partition("/")[2]]
+        assert trial["metrics"]["meta_sum"] == pytest.approx(100 * r1)

@@ -51,6 +51,55 @@ def test_a_downstream_study_is_a_final_comparison_over_known_tasks():
     assert best.downstream_trials() == ["a"]
 
 
+def test_a_zero_shot_comparison_evaluates_retrieval_without_finetuning():
+    base = {"name": "t", "seeds": [0], "asha": {"enabled": False},
+            "rows": [{"name": "a", "tasks": {"itm": 1}}]}
+    with pytest.raises(ValueError, match=r"finetune: false evaluates zero-shot models, which only retrieval "
+                                         r"has; tasks \['retrieval', 'vqa'\] must be \[retrieval\]"):
+        Study.model_validate(base | {"downstream": {"finetune": False, "tasks": ["retrieval", "vqa"]}})
+    study = Study.model_validate(base | {"downstream": {"finetune": False, "tasks": ["retrieval"]}})
+    assert study.downstream.meta_sum == ["retrieval/flickr30k/zero_shot/test/full/ir_r1",
+                                         "retrieval/flickr30k/zero_shot/test/full/tr_r1"]
+    assert study.downstream_overrides() == {"a-s0": ("finetune.encoder=sweep:a-s0", "seeds=[]",
+                                                     "eval.retrieval.finetuned=false")}
+    finetuning = {"name": "f", "pretraining": False, "rows": [{"name": "none"}],
+                  "downstream": {"finetune": False, "tasks": ["retrieval"]}}
+    with pytest.raises(ValueError, match=r"a finetuning study\) finetunes: downstream.finetune must be true"):
+        Study.model_validate(finetuning)
+    with pytest.raises(ConfigError, match=r"eval.retrieval: .*finetuned: false and zero_shot: false leave no "
+                                          r"model to evaluate"):
+        load_config(None, ["eval.retrieval.finetuned=false", "eval.retrieval.zero_shot=false"])
+
+
+def test_the_zero_shot_plan_evaluates_each_trial_and_reuses_the_studys_trials(tmp_path):
+    store = StageStore(tmp_path / "work")
+    zero_shot = {"finetune": False, "tasks": ["retrieval"],
+                 "report": ["retrieval/coco/zero_shot/test/laviter/aimcos"]}
+    (tmp_path / "z").mkdir()
+    cfg = load_config(None, [f"sweep.study={study_file(tmp_path / 'z', downstream=zero_shot)}"])
+    planned = {p.label: p for p in plan(cfg, "sweep_downstream", store)}
+    trials = ["a-s0", "a-s1", "b-s0", "b-s1"]
+    assert set(planned["sweep_downstream"].inputs) == {"sweep"} | {f"eval_retrieval@{t}" for t in trials}
+    assert not [label for label in planned if label.startswith("finetune_")]
+    for trial in trials:
+        evaluated = planned[f"eval_retrieval@{trial}"]
+        assert "finetune_retrieval" not in evaluated.inputs
+        assert evaluated.inputs["sweep"] == planned["sweep"].key
+        assert evaluated.config["eval.retrieval"]["finetuned"] is False
+        assert evaluated.config["finetune.retrieval.datasets"]["coco"]["test"] == "coco_karpathy_test"
+    # The downstream section is not the trials' business: the sweep's key is that of the study without one,
+    # or with another, so a study run before its downstream section was written is reused.
+    (tmp_path / "n").mkdir()
+    plain = load_config(None, [f"sweep.study={study_file(tmp_path / 'n', downstream=None)}"])
+    assert {p.name: p.key for p in plan(plain, "sweep", store)}["sweep"] == planned["sweep"].key
+    finetuned = {p.label: p for p in plan(load_config(None, [f"sweep.study={study_file(tmp_path)}"]),
+                                          "sweep_downstream", store)}
+    assert finetuned["sweep"].key == planned["sweep"].key
+    other_rows = study_file(tmp_path / "n", downstream=None, seeds=[0])
+    assert plan(load_config(None, [f"sweep.study={other_rows}"]), "sweep", store)[-1].key != \
+        planned["sweep"].key
+
+
 def test_finetune_encoder_must_name_a_row_or_trial_of_the_study(tmp_path):
     study = f"sweep.study={study_file(tmp_path)}"
     assert load_config(None, [study, "finetune.encoder=sweep:b-s1"]).finetune.encoder == "sweep:b-s1"
@@ -150,6 +199,26 @@ def test_the_comparison_sums_each_trials_metrics_and_compares_rows(tmp_path):
         downstream.run(StageContext(cfg=cfg, workdir=tmp_path, out_dir=tmp_path / "out2", inputs=inputs))
     assert str(err.value) == (f"{tmp_path / 'bad' / 'metrics.json'}: no metric 'pretrained/test1/nlvr2_acc' "
                               f"for sweep.study.downstream.meta_sum entry '{META[1]}'")
+
+    # A report metric only some trials have (a head of some rows) is left out of theirs; one that no
+    # trial's evaluation wrote is a typo.
+    inputs["eval_nlvr2@a-s1"] = write_eval(tmp_path / "nlvr2" / "a-s1b", "nlvr2", 0.58)
+    extra = {"pretrained": {"test1": {"nlvr2_acc": 0.61, "captioning_bleu4": 0.2}}}
+    (inputs["eval_nlvr2@b-s0"] / "metrics.json").write_text(json.dumps(extra))
+    reported = study.model_copy(update={"downstream": study.downstream.model_copy(
+        update={"report": ["nlvr2/pretrained/test1/captioning_bleu4"]})})
+    cfg = SimpleNamespace(sweep=SimpleNamespace(study=reported))
+    downstream.run(StageContext(cfg=cfg, workdir=tmp_path, out_dir=tmp_path / "out3", inputs=inputs))
+    ran = {t["trial"]: t["metrics"] for t in json.loads((tmp_path / "out3" / "downstream.json").read_text())
+           ["trials"]}
+    assert ran["b-s0"]["nlvr2/pretrained/test1/captioning_bleu4"] == 0.2
+    assert "nlvr2/pretrained/test1/captioning_bleu4" not in ran["a-s0"]
+    typo = reported.model_copy(update={"downstream": study.downstream.model_copy(
+        update={"report": ["nlvr2/pretrained/test1/captioning_blue4"]})})
+    with pytest.raises(StageError, match=r"sweep.study.downstream.report: no trial's evaluation wrote "
+                                         r"\['nlvr2/pretrained/test1/captioning_blue4'\]"):
+        downstream.run(StageContext(cfg=SimpleNamespace(sweep=SimpleNamespace(study=typo)), workdir=tmp_path,
+                                    out_dir=tmp_path / "out4", inputs=inputs))
 
 
 def test_a_finetuning_study_has_rows_of_finetune_settings_and_a_downstream_comparison():

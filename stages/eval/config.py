@@ -50,6 +50,9 @@ class RetrievalEvalConfig(BaseModel):
     # Scored blocks between hand-backs of free heap memory (vlp.tasks.retrieval.PairScorer; 0: never).
     release_every: int = Field(8, ge=0)
     zero_shot: bool = True  # also the pretrained model's ITM head, before any finetuning
+    # false: the zero-shot model alone, on the test splits of finetune.retrieval.datasets, without
+    # finetune_retrieval (a study's zero-shot downstream comparison: sweep.study.downstream.finetune: false)
+    finetuned: bool = True
     recall_curve_k: int = Field(10, ge=1)  # recall@K for K = 1..this in the recall-curve figure
     # ISDa on Flickr30k Entities phrase-box annotations of the images of these Entities splits (the
     # entity_features stage pools their boxes).
@@ -66,6 +69,8 @@ class RetrievalEvalConfig(BaseModel):
         if not self.modes or len(set(self.modes)) != len(self.modes):
             raise ValueError(f"modes must list full, shortlist and/or itc_shortlist once each, got "
                              f"{self.modes}")
+        if not (self.finetuned or self.zero_shot):
+            raise ValueError("finetuned: false and zero_shot: false leave no model to evaluate")
         return self
 
 
@@ -98,8 +103,9 @@ class EvalConfig(BaseModel):
         return self.splits[task]
 
 
-def eval_upstream(task: str, encoder: str = "pretrain") -> tuple[str, ...]:
-    """Stages ``eval_<task>`` reads: its finetuned variants, the pretrained model they started from (zero-shot
+def eval_upstream(task: str, encoder: str = "pretrain", finetuned: bool = True) -> tuple[str, ...]:
+    """Stages ``eval_<task>`` reads: its finetuned variants (none for retrieval with ``finetuned`` false:
+    ``eval.retrieval.finetuned``), the pretrained model they started from (zero-shot
     retrieval, tokenizer; ``encoder``: the pretrain or the sweep stage), the regions, and the task's data as
     in ``finetune_upstream``; retrieval also reads dedup (Entities annotations and image sizes for ISDa) and
     the regions at the Entities boxes (entity_features); RefCOCO also the regions at the COCO ground-truth
@@ -107,4 +113,5 @@ def eval_upstream(task: str, encoder: str = "pretrain") -> tuple[str, ...]:
     evaluation images, which dedup drops: LAViTeR's AIMCoS, RefCOCO's boxes)."""
     data = {"retrieval": ("txtdb", "karpathy_txtdb", "dedup", "entity_features", "download"),
             "refcoco": ("download", "gt_features")}.get(task, ("dedup",))
-    return (f"finetune_{task}", encoder_stage(encoder), "features", *data)
+    tuned = (f"finetune_{task}",) if finetuned or task != "retrieval" else ()
+    return (*tuned, encoder_stage(encoder), "features", *data)

@@ -13,7 +13,8 @@ encoder with its ITM head), scores each test split in every ``eval.retrieval.mod
 recall@1/5/10, Meta-Sum, seconds, pairs scored), measures ISDa on Flickr30k Entities (section ``isda``) and
 draws
 ``figures/recall_<dataset>_<split>.png`` and ``figures/attention_<dataset>_<split>.png`` (one row of pairs
-per model). The MLflow metrics are ``<variant>/<section>/<metric>``.
+per model); with ``eval.retrieval.finetuned`` false it evaluates the zero-shot model alone, without
+``finetune_retrieval``. The MLflow metrics are ``<variant>/<section>/<metric>``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class Setup:
     cfg: EvalConfig
     runtime: RuntimeConfig
     pre: PretrainOutput
-    finetuned: FinetuneOutput
+    finetuned: FinetuneOutput | None  # None: retrieval's zero-shot model alone (eval.retrieval.finetuned)
     variants: list[dict[str, Any]]
     img_db: ImgDb
     out: EvalOutput
@@ -192,6 +193,17 @@ def _retrieval_models(s: Setup, dataset: str):
         yield name, model.encoder, head, None
 
 
+def _retrieval_datasets(s: Setup) -> dict[str, dict[str, Any]]:
+    """Each retrieval dataset evaluated, with its text dbs per split: the finetuned variants' (as they were
+    finetuned), or without finetuning those of finetune.retrieval.datasets."""
+    if s.finetuned is None:
+        return {name: data.model_dump() for name, data in s.ctx.cfg.finetune.retrieval.datasets.items()}
+    datasets: dict[str, dict[str, Any]] = {}
+    for variant in s.variants:
+        datasets.setdefault(variant["dataset"], variant["data"])
+    return datasets
+
+
 def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
     ctx, rcfg = s.ctx, s.cfg.retrieval
     tokenizer = load_tokenizer(s.pre.tokenizer_dir)
@@ -206,8 +218,7 @@ def eval_retrieval(s: Setup) -> tuple[Metrics, list[str]]:
     objects = object_classes(ctx.inputs["download"] / "tables")
     metrics: Metrics = {}
     artifacts: list[str] = []
-    for dataset in dict.fromkeys(v["dataset"] for v in s.variants):
-        data_cfg = next(v["data"] for v in s.variants if v["dataset"] == dataset)
+    for dataset, data_cfg in _retrieval_datasets(s).items():
         for split in s.cfg.splits_of("retrieval"):
             if split not in data_cfg:
                 raise StageError(f"eval.splits.retrieval: split {split!r} is not one of the retrieval "
@@ -272,10 +283,12 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     cfg: EvalConfig = ctx.cfg.eval
     runtime: RuntimeConfig = ctx.cfg.runtime
     torch.set_num_threads(runtime.threads)
-    finetuned = FinetuneOutput(ctx.inputs[f"finetune_{task}"])
-    variants = finetuned.variants()
-    if not variants:
-        raise StageError(f"{finetuned.root}: finetune_{task} produced no variant to evaluate")
+    finetuned, variants = None, []
+    if task != "retrieval" or cfg.retrieval.finetuned:
+        finetuned = FinetuneOutput(ctx.inputs[f"finetune_{task}"])
+        variants = finetuned.variants()
+        if not variants:
+            raise StageError(f"{finetuned.root}: finetune_{task} produced no variant to evaluate")
     out = EvalOutput(ctx.out_dir)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     device = default_device()

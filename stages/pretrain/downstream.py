@@ -2,7 +2,8 @@
 
 The planner runs, for every trial of the study (or every row's best seed), the ``eval_<task>`` stages of the
 downstream tasks with everything they need under ``finetune.encoder=sweep:<trial>``: each trial's encoder is
-finetuned and evaluated like the pipeline's own, cached per trial. A finetuning study (``pretraining:
+finetuned and evaluated like the pipeline's own, cached per trial (``downstream.finetune: false``: its
+zero-shot model is evaluated by eval_retrieval alone). A finetuning study (``pretraining:
 false``: IAIS's variants) has no pretraining trials: its trials are its rows' finetune settings under each
 finetuning seed, from the pipeline's encoder. This stage reads their metrics, sums the study's Meta-Sum
 metrics (x 100, UNITER's units), and writes the comparison as the sweep does for validation metrics: per row
@@ -26,20 +27,22 @@ META_SUM = "meta_sum"
 
 def trial_metrics(ctx: StageContext, study: Study, selector: str) -> dict[str, float]:
     """The Meta-Sum and report metrics of one trial's evaluations, and meta_sum; StageError naming a missing
-    one."""
+    Meta-Sum metric. A report metric may be missing (LAViTeR's captioning, only of rows with a captioner)."""
     down = study.downstream
     found: dict[str, float] = {}
     for task in down.tasks:
         source = EvalOutput(ctx.inputs[f"eval_{task}@{selector}"])
         metrics = {f"{task}/{name}": value for name, value in flatten(source.metrics()).items()}
-        for field, names in (("meta_sum", down.meta_sum), ("report", down.report)):
-            for name in names:
-                if name.partition("/")[0] != task:
-                    continue
-                if name not in metrics:
-                    raise StageError(f"{source.metrics_path}: no metric {name.partition('/')[2]!r} for "
-                                     f"sweep.study.downstream.{field} entry {name!r}")
+        for name in down.report:
+            if name in metrics:
                 found[name] = metrics[name]
+        for name in down.meta_sum:
+            if name.partition("/")[0] != task:
+                continue
+            if name not in metrics:
+                raise StageError(f"{source.metrics_path}: no metric {name.partition('/')[2]!r} for "
+                                 f"sweep.study.downstream.meta_sum entry {name!r}")
+            found[name] = metrics[name]
     return {**found, META_SUM: 100.0 * sum(found[name] for name in down.meta_sum)}
 
 
@@ -61,13 +64,18 @@ def run(ctx: StageContext) -> StageResult:
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     trials = [{**trial, "status": COMPLETED, "metrics": trial_metrics(ctx, study, selector)}
               for selector, trial in compared_trials(ctx, study).items()]
+    unreported = [name for name in study.downstream.report if not any(name in t["metrics"] for t in trials)]
+    if unreported:
+        raise StageError(f"sweep.study.downstream.report: no trial's evaluation wrote {unreported}")
     compared = study.model_copy(update={"metric": META_SUM, "table_metrics": [*study.downstream.meta_sum,
                                                                               *study.downstream.report]})
     table = comparison(compared, trials)
     out.trials_path.write_text(json.dumps({"tasks": study.downstream.tasks, "trials": trials}, indent=1)
                                + "\n")
     (out.root / "comparison.csv").write_text(table_csv(compared, table))
-    what = f"Downstream, after finetuning each trial's encoder ({META_SUM}: 100 x the sum of its metrics)"
+    how = "after finetuning each trial's encoder" if study.downstream.finetune else \
+        "each trial's zero-shot model, not finetuned"
+    what = f"Downstream, {how} ({META_SUM}: 100 x the sum of its metrics)"
     (out.root / "comparison.md").write_text(table_markdown(compared, table, None, what))
     comparison_figure(compared, trials, out.figure_path)
     ctx.log.info("sweep_downstream: comparison\n%s", (out.root / "comparison.md").read_text())

@@ -83,15 +83,25 @@ class Downstream(BaseModel):
 
     tasks: list[str] = ["retrieval", "vqa", "nlvr2", "refcoco"]
     trials: Literal["every_seed", "best_seed"] = "every_seed"
-    # None: those of UNITER_META_SUM among the tasks
+    # false: no finetuning; eval_retrieval scores each trial's zero-shot model alone (eval.retrieval.finetuned
+    # false): the only task with a zero-shot model, its metrics ``retrieval/<dataset>/zero_shot/...``
+    # (LAViTeR's AIMCoS, which needs the world's objects on COCO's test split)
+    finetune: bool = True
+    # None: those of UNITER_META_SUM among the tasks (zero-shot: Flickr30k's zero-shot IR and TR R@1)
     meta_sum: list[str] | None = Field(None, min_length=1)
-    report: list[str] = []  # more eval metrics in the table, not summed (IAIS's ISDa)
+    # more eval metrics in the table, not summed (IAIS's ISDa); a trial may lack one (a row without the head)
+    report: list[str] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> Downstream:
         unknown = [t for t in self.tasks if t not in TASK_NAMES]
         if unknown or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks: {self.tasks}: each once, from {', '.join(TASK_NAMES)}")
+        if not self.finetune and self.tasks != ["retrieval"]:
+            raise ValueError(f"finetune: false evaluates zero-shot models, which only retrieval has; tasks "
+                             f"{self.tasks} must be [retrieval]")
+        if self.meta_sum is None and not self.finetune:
+            self.meta_sum = [f"retrieval/flickr30k/zero_shot/test/full/{m}" for m in ("ir_r1", "tr_r1")]
         if self.meta_sum is None:
             self.meta_sum = [m for m in UNITER_META_SUM if m.partition("/")[0] in self.tasks]
             if not self.meta_sum:
@@ -153,6 +163,9 @@ class Study(BaseModel):
             if trained or self.downstream is None or self.downstream.trials != "every_seed":
                 raise ValueError("pretraining: false (a finetuning study) needs downstream (every_seed) and "
                                  f"rows of finetune settings only; rows {trained} set tasks or pretrain")
+            if not self.downstream.finetune:
+                raise ValueError("pretraining: false (a finetuning study) finetunes: downstream.finetune "
+                                 "must be true")
         return self
 
     def downstream_trials(self) -> list[str]:
@@ -167,8 +180,9 @@ class Study(BaseModel):
         out: dict[str, tuple[str, ...]] = {}
         if self.downstream is None:
             return out
+        zero_shot = () if self.downstream.finetune else ("eval.retrieval.finetuned=false",)
         for row in self.rows:
-            settings = ("seeds=[]", *dotted("finetune", row.finetune))
+            settings = ("seeds=[]", *zero_shot, *dotted("finetune", row.finetune))
             if self.downstream.trials == "best_seed":
                 out[row.name] = (f"finetune.encoder=sweep:{row.name}", *settings)
                 continue
