@@ -54,6 +54,15 @@ def test_subset_is_what_a_stage_reads():
     cfg = load_config(DEFAULT_CONFIG, ["download.retries=7"])
     sub = cfg.subset(("download.retries", "world"))
     assert sub["download.retries"] == 7 and isinstance(sub["world"], dict)
+    # "-<path>" leaves out a part of a section it reads; under an unset section there is nothing to leave out
+    without = cfg.subset(("download", "-download.retries", "sweep.study", "-sweep.study.downstream"))
+    assert "retries" not in without["download"] and without["download"]["shard_size"] == \
+        cfg.download.shard_size
+    assert "downstream" not in without["sweep.study"] and without["sweep.study"]["name"] == "demo"
+    unset = load_config(DEFAULT_CONFIG, ["sweep.study=null"])
+    assert unset.subset(("sweep.study", "-sweep.study.downstream")) == {"sweep.study": None}
+    with pytest.raises(ValueError, match=r"config path -eval.common: no earlier path holds it"):
+        cfg.subset(("download", "-eval.common"))
 
 
 def test_base_inheritance_merges_sections(tmp_path):
