@@ -103,6 +103,12 @@ class EvalConfig(BaseModel):
         return self.splits[task]
 
 
+def finetuned_input(task: str, finetuned: bool = True) -> str | None:
+    """The finetune stage whose variants ``eval_<task>`` evaluates; None for retrieval's zero-shot model alone
+    (``finetuned`` false: ``eval.retrieval.finetuned``)."""
+    return f"finetune_{task}" if finetuned or task != "retrieval" else None
+
+
 def eval_upstream(task: str, encoder: str = "pretrain", finetuned: bool = True) -> tuple[str, ...]:
     """Stages ``eval_<task>`` reads: its finetuned variants (none for retrieval with ``finetuned`` false:
     ``eval.retrieval.finetuned``), the pretrained model they started from (zero-shot
@@ -113,5 +119,5 @@ def eval_upstream(task: str, encoder: str = "pretrain", finetuned: bool = True) 
     evaluation images, which dedup drops: LAViTeR's AIMCoS, RefCOCO's boxes)."""
     data = {"retrieval": ("txtdb", "karpathy_txtdb", "dedup", "entity_features", "download"),
             "refcoco": ("download", "gt_features")}.get(task, ("dedup",))
-    tuned = (f"finetune_{task}",) if finetuned or task != "retrieval" else ()
-    return (*tuned, encoder_stage(encoder), "features", *data)
+    tuned = finetuned_input(task, finetuned)
+    return (*((tuned,) if tuned else ()), encoder_stage(encoder), "features", *data)

@@ -26,7 +26,7 @@ import torch
 
 from stages.base import StageContext, StageError, StageResult
 from stages.eval import figures
-from stages.eval.config import EvalConfig
+from stages.eval.config import EvalConfig, finetuned_input
 from stages.eval.laviter import laviter_sections, object_classes
 from stages.eval.retrieval import (
     attention_maps,
@@ -284,11 +284,12 @@ def run_task(ctx: StageContext, task: str) -> StageResult:
     runtime: RuntimeConfig = ctx.cfg.runtime
     torch.set_num_threads(runtime.threads)
     finetuned, variants = None, []
-    if task != "retrieval" or cfg.retrieval.finetuned:
-        finetuned = FinetuneOutput(ctx.inputs[f"finetune_{task}"])
+    source = finetuned_input(task, cfg.retrieval.finetuned)
+    if source is not None:
+        finetuned = FinetuneOutput(ctx.inputs[source])
         variants = finetuned.variants()
         if not variants:
-            raise StageError(f"{finetuned.root}: finetune_{task} produced no variant to evaluate")
+            raise StageError(f"{finetuned.root}: {source} produced no variant to evaluate")
     out = EvalOutput(ctx.out_dir)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     device = default_device()

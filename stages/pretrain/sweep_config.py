@@ -71,6 +71,9 @@ class AshaConfig(BaseModel):
 UNITER_META_SUM = ("vqa/pretrained/val2014/vqa_score", "retrieval/flickr30k/pretrained/test/full/ir_r1",
                    "retrieval/flickr30k/pretrained/test/full/tr_r1", "nlvr2/pretrained/test1/nlvr2_acc",
                    "refcoco/pretrained/testA/refcoco_acc")
+# Its retrieval part without finetuning: the zero-shot model's Flickr30k IR and TR R@1.
+ZERO_SHOT_META_SUM = ("retrieval/flickr30k/zero_shot/test/full/ir_r1",
+                      "retrieval/flickr30k/zero_shot/test/full/tr_r1")
 
 
 class Downstream(BaseModel):
@@ -101,7 +104,7 @@ class Downstream(BaseModel):
             raise ValueError(f"finetune: false evaluates zero-shot models, which only retrieval has; tasks "
                              f"{self.tasks} must be [retrieval]")
         if self.meta_sum is None and not self.finetune:
-            self.meta_sum = [f"retrieval/flickr30k/zero_shot/test/full/{m}" for m in ("ir_r1", "tr_r1")]
+            self.meta_sum = list(ZERO_SHOT_META_SUM)
         if self.meta_sum is None:
             self.meta_sum = [m for m in UNITER_META_SUM if m.partition("/")[0] in self.tasks]
             if not self.meta_sum:
